@@ -1,0 +1,130 @@
+"""Bulk loading of many sigma adapters into one JD-LoRA model, bypassing PEFT's per-adapter module walk."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .errors import AdapterFormatError
+from .format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, check_finite, module_key_from_sigma_key
+from .tuner.config import JDLoraConfig
+
+
+def _local_adapter_dir(source: str, revision: Optional[str], **hub_kwargs) -> str:
+    if os.path.isdir(source):
+        return source
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        source, revision=revision, allow_patterns=[ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "README.md"], **hub_kwargs
+    )
+
+
+def _read_adapter(source: str, revision: Optional[str], hub_kwargs: dict) -> tuple[JDLoraConfig, dict]:
+    directory = _local_adapter_dir(source, revision, **hub_kwargs)
+    weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        raise AdapterFormatError(f"adapter {source!r}: {ADAPTER_WEIGHTS_NAME} is missing in {directory}.")
+    # Hub adapters are read through their repo id so that relative `bases` resolve inside the repo.
+    config = (
+        JDLoraConfig.from_pretrained(source)
+        if os.path.isdir(source)
+        else JDLoraConfig.from_pretrained(source, revision=revision, **hub_kwargs)
+    )
+    sigmas = {module_key_from_sigma_key(k): v for k, v in load_file(weights_path).items()}
+    for module_key, sigma in sigmas.items():
+        check_finite(sigma, f"adapter {source!r}, Σ of module {module_key}")
+    return config, sigmas
+
+
+def _default_name(source: str) -> str:
+    return os.path.basename(os.path.normpath(source)) if os.path.isdir(source) else source
+
+
+def load_adapters(
+    model,
+    sources: Sequence[str],
+    adapter_names: Optional[Sequence[str]] = None,
+    revision: Optional[str] = None,
+    max_workers: int = 8,
+    progress: bool = True,
+    **hub_kwargs,
+) -> list[str]:
+    """Loads many JD-LoRA sigma adapters into a model that already holds one adapter of the same collection.
+
+    Files are read in parallel threads; each Σ is written straight into every layer's stacked Σ, so the cost per
+    adapter is one small file read plus one copy per module (no walk over the model's modules per adapter).
+
+    Args:
+        model: A `PeftModel` with at least one JD-LoRA adapter loaded (e.g. from `PeftModel.from_pretrained`).
+        sources: Local adapter directories or Hub repo ids.
+        adapter_names: Names to register them under; defaults to the directory name / repo id.
+        revision: Hub revision for every source.
+        max_workers: Threads reading adapter files.
+        progress: Show a progress bar.
+        hub_kwargs: Passed to `huggingface_hub.snapshot_download` (`token`, `cache_dir`, …).
+
+    Returns:
+        The names of the loaded adapters.
+    """
+    from .tuner.model import JDLoraModel
+
+    tuner = getattr(model, "base_model", model)
+    if not isinstance(tuner, JDLoraModel):
+        raise TypeError("load_adapters needs a PeftModel holding a JD-LoRA adapter; load one with "
+                        "PeftModel.from_pretrained(base_model, adapter) first.")
+    names = list(adapter_names) if adapter_names is not None else [_default_name(s) for s in sources]
+    if len(names) != len(sources):
+        raise ValueError(f"got {len(sources)} sources but {len(names)} adapter_names.")
+    duplicates = sorted({n for n in names if n in tuner.peft_config} | {n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"adapter name(s) already loaded or repeated: {duplicates[:10]}; pass distinct adapter_names.")
+    layers = tuner.jd_layers()
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        results = pool.map(lambda s: _read_adapter(s, revision, hub_kwargs), sources)
+        for name, source, (config, sigmas) in tqdm(
+            zip(names, sources, results), total=len(names), desc="loading JD adapters", disable=not progress
+        ):
+            _add_adapter(tuner, layers, name, source, config, sigmas)
+    return names
+
+
+def _add_adapter(tuner, layers: dict, name: str, source: str, config: JDLoraConfig, sigmas: dict) -> None:
+    shared = tuner._resolve_bases(config, name)
+    missing = sorted(set(sigmas) - set(layers))
+    if missing:
+        raise AdapterFormatError(
+            f"adapter {source!r} has Σ for module(s) {missing[:5]} that this model does not adapt; it targets "
+            "other modules than the loaded collection."
+        )
+    config.inference_mode = True
+    tuner.peft_config[name] = config
+    try:
+        tuner._check_new_adapter_config(config)
+        for module_key, sigma in sigmas.items():
+            layer = layers[module_key]
+            layer.set_bases(*shared.module(module_key), shared.key.describe(), module_key)
+            with torch.no_grad():
+                layer.update_layer(
+                    name,
+                    rank=config.r,
+                    sigma_type=config.sigma_type,
+                    cluster=config.cluster_of(module_key),
+                    scaling=config.scaling,
+                    sigma=sigma,
+                    inference_mode=True,
+                    module_key=module_key,
+                )
+    except Exception:
+        for layer in layers.values():
+            if name in layer.jd_sigma:
+                layer.delete_adapter(name)
+        tuner.peft_config.pop(name, None)
+        tuner.slot_table.release(name)
+        raise

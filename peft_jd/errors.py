@@ -1,0 +1,33 @@
+"""Exceptions raised by peft-jd. Each message names the adapter/module/file at fault and the fix."""
+
+
+class JDLoraError(ValueError):
+    """Base class of peft-jd errors (a `ValueError`, so PEFT-style `except ValueError` keeps working)."""
+
+
+class BasesNotFoundError(JDLoraError):
+    """The shared bases an adapter points to cannot be found (local path or Hub repo/revision)."""
+
+
+class BasesMismatchError(JDLoraError):
+    """An adapter was compressed against other bases (other collection, revision or fingerprint) than the loaded ones."""
+
+
+class ShapeMismatchError(JDLoraError):
+    """Bases, Σ and base-model layer shapes disagree."""
+
+
+class BaseModelMismatchError(JDLoraError):
+    """The adapter or bases were made for another base model."""
+
+
+class SigmaTypeMismatchError(JDLoraError):
+    """Full and diagonal Σ adapters (or different ranks) were mixed in one model."""
+
+
+class UnknownAdapterError(JDLoraError):
+    """An adapter name passed in `adapter_names` is not loaded."""
+
+
+class AdapterFormatError(JDLoraError):
+    """An adapter or LoRA file is malformed: missing tensors, NaN/inf values, unexpected keys."""

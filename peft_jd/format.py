@@ -1,0 +1,214 @@
+"""On-disk format of a JD-LoRA collection: the shared bases directory and the per-adapter sigma directories.
+
+See `docs/format.md` for the full specification. In short:
+
+* bases directory: `jd_bases_config.json` + `jd_bases.safetensors` holding, per target module key `M` (the module's
+  name inside the base transformers model, e.g. `model.layers.0.self_attn.q_proj`), `M.U` of shape
+  `(num_clusters, out_features, r)` and `M.V` of shape `(num_clusters, in_features, r)`;
+* sigma adapter directory: a PEFT adapter (`adapter_config.json` with `peft_type: "JDLORA"`,
+  `adapter_model.safetensors`) whose tensors are `base_model.model.M.jd_sigma`, `(r, r)` for full Σ or `(r,)` for
+  diagonal Σ. The adapter's update of module `M` is `ΔW = scaling · U[c] Σ V[c]ᵀ` with `c` its cluster for `M`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import AdapterFormatError
+
+
+BASES_CONFIG_NAME = "jd_bases_config.json"
+BASES_WEIGHTS_NAME = "jd_bases.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+SIGMA_KEY_SUFFIX = ".jd_sigma"
+PEFT_KEY_PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModuleBasesSpec:
+    """Shapes of one module's bases."""
+
+    in_features: int
+    out_features: int
+    num_clusters: int
+
+
+@dataclass
+class BasesConfig:
+    """Content of `jd_bases_config.json`.
+
+    Args:
+        r: Shared rank k of U and V.
+        sigma_type: `"full"` (k×k Σ per adapter) or `"diag"` (k-vector Σ per adapter).
+        num_clusters: Largest number of clusters of any module.
+        base_model_name_or_path: Base model the LoRAs were trained on.
+        target_modules: Module suffixes the collection adapts (e.g. `["q_proj", "v_proj"]`).
+        modules: Per module key, its shapes.
+        fingerprint: sha256 of `jd_bases.safetensors`; every sigma adapter records it to detect other bases.
+        method: Compression method that produced the bases.
+        metadata: Free-form extra information (compression settings, timings).
+    """
+
+    r: int
+    sigma_type: str
+    num_clusters: int
+    base_model_name_or_path: str | None
+    target_modules: list[str]
+    modules: dict[str, ModuleBasesSpec]
+    fingerprint: str = ""
+    method: str = "jd-full"
+    format_version: int = FORMAT_VERSION
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["format"] = "peft-jd-bases"
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> BasesConfig:
+        data = dict(data)
+        data.pop("format", None)
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise AdapterFormatError(
+                f"{source}: bases format version {version} is newer than this peft-jd understands ({FORMAT_VERSION}). "
+                "Upgrade peft-jd."
+            )
+        try:
+            data["modules"] = {k: ModuleBasesSpec(**v) for k, v in data["modules"].items()}
+            return cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise AdapterFormatError(f"{source}: malformed bases config ({exc}).") from exc
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> BasesConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f), source=str(path))
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
+    """sha256 hex digest of a file (the same digest the Hub uses as LFS oid)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(final_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yields a temporary sibling directory that replaces `final_dir` only if the block finishes without error.
+
+    A crash leaves at most a `.tmp-*` sibling, never a half-written `final_dir`.
+    """
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    if final_dir.exists() and not overwrite:
+        raise FileExistsError(f"{final_dir} already exists; pass overwrite=True or choose another directory.")
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
+    try:
+        yield tmp_dir
+        if final_dir.exists():
+            trash = final_dir.parent / f".trash-{final_dir.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final_dir, trash)
+            os.replace(tmp_dir, final_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp_dir, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raises `AdapterFormatError` naming `what` if `tensor` holds NaN or inf."""
+    if not torch.isfinite(tensor).all():
+        raise AdapterFormatError(f"{what} contains NaN or inf values; the file is corrupt or training diverged.")
+
+
+def write_bases(
+    out_dir: str | os.PathLike,
+    bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    config: BasesConfig,
+    readme: str | None = None,
+) -> BasesConfig:
+    """Writes a bases directory atomically and returns its config with the fingerprint filled in.
+
+    Args:
+        out_dir: Target directory (replaced atomically if it exists).
+        bases: Per module key, `(U, V)` with shapes `(c, out_features, r)` and `(c, in_features, r)`.
+        config: Bases config; `modules` is (re)filled from the tensors, `fingerprint` computed here.
+        readme: Optional model card text written as `README.md`.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, ModuleBasesSpec] = {}
+    for module_key, (U, V) in bases.items():
+        if U.dim() == 2:
+            U, V = U.unsqueeze(0), V.unsqueeze(0)
+        if U.shape[0] != V.shape[0] or U.shape[-1] != config.r or V.shape[-1] != config.r:
+            raise ValueError(f"bases of {module_key}: U {tuple(U.shape)} and V {tuple(V.shape)} disagree with r={config.r}")
+        check_finite(U, f"bases U of module {module_key}")
+        check_finite(V, f"bases V of module {module_key}")
+        tensors[f"{module_key}.U"] = U.detach().to("cpu").contiguous()
+        tensors[f"{module_key}.V"] = V.detach().to("cpu").contiguous()
+        modules[module_key] = ModuleBasesSpec(in_features=V.shape[1], out_features=U.shape[1], num_clusters=U.shape[0])
+    config.modules = modules
+    config.num_clusters = max((m.num_clusters for m in modules.values()), default=1)
+    with atomic_directory(out_dir) as tmp:
+        save_file(tensors, tmp / BASES_WEIGHTS_NAME, metadata={"format": "peft-jd-bases"})
+        config.fingerprint = file_sha256(tmp / BASES_WEIGHTS_NAME)
+        (tmp / BASES_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
+        if readme is not None:
+            (tmp / "README.md").write_text(readme, encoding="utf-8")
+    return config
+
+
+def sigma_state_dict_key(module_key: str) -> str:
+    return f"{PEFT_KEY_PREFIX}{module_key}{SIGMA_KEY_SUFFIX}"
+
+
+def module_key_from_sigma_key(key: str) -> str:
+    if not (key.startswith(PEFT_KEY_PREFIX) and key.endswith(SIGMA_KEY_SUFFIX)):
+        raise AdapterFormatError(f"unexpected tensor {key!r} in a JD-LoRA adapter file")
+    return key[len(PEFT_KEY_PREFIX) : -len(SIGMA_KEY_SUFFIX)]
+
+
+def write_sigma_adapter(
+    out_dir: str | os.PathLike,
+    sigmas: Mapping[str, torch.Tensor],
+    config: Any,
+    readme: str | None = None,
+) -> None:
+    """Writes a PEFT-loadable sigma adapter directory atomically.
+
+    Args:
+        out_dir: Target directory.
+        sigmas: Per module key, Σ of shape `(r, r)` (full) or `(r,)` (diag).
+        config: The adapter's `JDLoraConfig`.
+        readme: Optional model card text written as `README.md`.
+    """
+    tensors = {}
+    for module_key, sigma in sigmas.items():
+        check_finite(sigma, f"Σ of module {module_key} (adapter {out_dir})")
+        tensors[sigma_state_dict_key(module_key)] = sigma.detach().to("cpu", torch.float32).contiguous()
+    with atomic_directory(out_dir) as tmp:
+        save_file(tensors, tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+        if readme is not None:
+            (tmp / "README.md").write_text(readme, encoding="utf-8")

@@ -1,0 +1,118 @@
+"""`JDLoraConfig`: the configuration of one JD-LoRA (sigma) adapter."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .._registration import PEFT_TYPE_NAME
+
+
+def _is_relative_path(path: str) -> bool:
+    return path.startswith("./") or path.startswith("../") or path in (".", "..")
+
+
+@dataclass
+class JDLoraConfig(PeftConfig):
+    """
+    Configuration of a JD-LoRA adapter: a per-adapter Σ on top of bases U, V shared by a whole collection.
+
+    The update of a target module is `ΔW = scaling · U[c] Σ V[c]ᵀ`, with U, V read from the shared bases (see
+    `bases`) and `c` the adapter's cluster for that module.
+
+    Args:
+        r (`int`):
+            Shared rank k of the bases (Σ is `r×r` for `sigma_type="full"`, an `r`-vector for `"diag"`).
+        sigma_type (`str`):
+            `"full"` or `"diag"`.
+        target_modules (`Union[list[str], str]`):
+            Module names (suffixes) or regex of the adapted modules, as in `LoraConfig`.
+        scaling (`float`):
+            Multiplier of the update. Compression folds each LoRA's `lora_alpha / r` into Σ, so this is 1.0 for
+            compressed adapters.
+        bases (`str`):
+            Hub repo id or local directory of the shared bases. A path starting with `./` or `../` is resolved
+            relative to the adapter directory (or, for a Hub adapter, relative to its folder in the same repo).
+        bases_revision (`str`, *optional*):
+            Commit sha of the bases repo the adapter was compressed against. Loading never falls back to another
+            revision.
+        bases_subfolder (`str`, *optional*):
+            Folder of the bases inside `bases`.
+        bases_fingerprint (`str`, *optional*):
+            sha256 of the bases weights file; checked against the loaded bases.
+        cluster (`Union[int, dict[str, int]]`):
+            The adapter's cluster: one id for all modules, or a dict from module key to cluster id.
+        fan_in_fan_out (`bool`):
+            Kept for PEFT compatibility; only `False` (`nn.Linear`) is supported.
+    """
+
+    r: int = field(default=16, metadata={"help": "Shared rank of the bases."})
+    sigma_type: Literal["full", "diag"] = field(default="full", metadata={"help": "'full' or 'diag' Σ."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex of the adapted modules."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
+    scaling: float = field(default=1.0, metadata={"help": "Multiplier of the update U Σ Vᵀ."})
+    bases: Optional[str] = field(default=None, metadata={"help": "Hub repo id or local path of the shared bases."})
+    bases_revision: Optional[str] = field(default=None, metadata={"help": "Commit sha of the bases repo."})
+    bases_subfolder: Optional[str] = field(default=None, metadata={"help": "Subfolder of the bases."})
+    bases_fingerprint: Optional[str] = field(default=None, metadata={"help": "sha256 of the bases weights file."})
+    cluster: Union[int, dict[str, int]] = field(default=0, metadata={"help": "Cluster id, or module key -> id."})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "Only False is supported."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
+    modules_to_save: Optional[list[str]] = field(default=None)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE_NAME
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if self.sigma_type not in ("full", "diag"):
+            raise ValueError(f"sigma_type must be 'full' or 'diag', got {self.sigma_type!r}.")
+        if self.r <= 0:
+            raise ValueError(f"r must be positive, got {self.r}.")
+        if self.fan_in_fan_out:
+            raise ValueError("JD-LoRA supports nn.Linear-style layers only (fan_in_fan_out=False).")
+        if self.modules_to_save:
+            raise ValueError("JD-LoRA adapters carry only Σ; modules_to_save is not supported.")
+
+    def cluster_of(self, module_key: str) -> int:
+        """Cluster id of this adapter for `module_key`."""
+        if isinstance(self.cluster, int):
+            return self.cluster
+        if module_key not in self.cluster:
+            raise KeyError(f"adapter config has no cluster for module {module_key!r}")
+        return int(self.cluster[module_key])
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Loads the config and resolves a relative `bases` against the adapter's own location."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if config.bases and _is_relative_path(config.bases):
+            config.bases, config.bases_subfolder = _resolve_relative_bases(
+                config.bases, config.bases_subfolder, str(pretrained_model_name_or_path), subfolder
+            )
+            if config.bases_revision is None and not os.path.isdir(config.bases):
+                config.bases_revision = kwargs.get("revision")
+        return config
+
+
+def _resolve_relative_bases(
+    bases: str, bases_subfolder: Optional[str], adapter_location: str, adapter_subfolder: Optional[str]
+) -> tuple[str, Optional[str]]:
+    local_adapter_dir = os.path.join(adapter_location, adapter_subfolder or "")
+    if os.path.isdir(local_adapter_dir):
+        return os.path.normpath(os.path.join(local_adapter_dir, bases)), bases_subfolder
+    # A Hub adapter: the bases live in the same repo, at a folder relative to the adapter's folder.
+    folder = posixpath.normpath(posixpath.join(adapter_subfolder or "", bases, bases_subfolder or ""))
+    if folder.startswith(".."):
+        raise ValueError(
+            f"adapter {adapter_location!r} points to bases {bases!r} outside its repo; "
+            "set `bases` to the bases repo id instead."
+        )
+    return adapter_location, (None if folder == "." else folder)

@@ -1,0 +1,264 @@
+"""JD-LoRA layers: a per-adapter Σ between bases U, V that are shared by all adapters of a collection."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from torch import nn
+
+from ..errors import ShapeMismatchError
+from ..kernels import jd_lora_apply
+from .slots import SlotTable
+
+
+class JDLoraLayer(BaseTunerLayer):
+    """Holds, for one target module, the shared bases and every loaded adapter's Σ.
+
+    Per adapter, `jd_sigma[name]` is an `nn.Parameter` that is a *view* of one row of `jd_sigma_stack`, the stacked Σ
+    of all adapters used by mixed batches; so training, `load_state_dict` and the batched kernel all see one copy.
+    """
+
+    adapter_layer_names = ("jd_sigma",)
+    other_param_names = ("jd_cluster", "jd_scaling")
+
+    def __init__(self, base_layer: nn.Module, slot_table: SlotTable, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        self.jd_sigma = nn.ParameterDict({})
+        self.jd_cluster: dict[str, int] = {}
+        self.jd_scaling: dict[str, float] = {}
+        self.slot_table = slot_table
+        self.sigma_type: Optional[str] = None
+        self.bases_id: Optional[str] = None
+        self._disable_adapters = False
+        self.merged_adapters = []
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(f"Unsupported layer type {type(self.get_base_layer())}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kwargs = kwargs
+
+    # ----------------------------------------------------------------------------------------------- adapter state
+    def set_bases(self, U: torch.Tensor, V: torch.Tensor, bases_id: str, module_key: str) -> None:
+        """Attaches the shared bases of this module (no copy) after checking shapes against the base layer."""
+        if U.dim() != 3 or V.dim() != 3 or U.shape[0] != V.shape[0] or U.shape[2] != V.shape[2]:
+            raise ShapeMismatchError(f"bases of {module_key}: malformed U {tuple(U.shape)} / V {tuple(V.shape)}.")
+        if U.shape[1] != self.out_features or V.shape[1] != self.in_features:
+            raise ShapeMismatchError(
+                f"bases of module {module_key} are for a {V.shape[1]}→{U.shape[1]} layer, but the base model's layer is "
+                f"{self.in_features}→{self.out_features}. The collection was compressed for another base model."
+            )
+        if self.bases_id is not None:
+            if self.bases_id != bases_id:
+                raise ShapeMismatchError(f"module {module_key} already uses bases {self.bases_id}, not {bases_id}.")
+            return
+        self.register_buffer("jd_U", U, persistent=False)
+        self.register_buffer("jd_V", V, persistent=False)
+        self.bases_id = bases_id
+
+    def _ensure_stack(self, rank: int, sigma_type: str) -> None:
+        capacity = self.slot_table.capacity
+        shape = (capacity, rank, rank) if sigma_type == "full" else (capacity, rank)
+        stack = getattr(self, "jd_sigma_stack", None)
+        if stack is not None and stack.shape[0] >= capacity:
+            return
+        new_stack = torch.zeros(shape, dtype=torch.float32 if stack is None else stack.dtype,
+                                device=self.jd_U.device)
+        new_cluster = torch.zeros(capacity, dtype=torch.long, device=self.jd_U.device)
+        new_scaling = torch.zeros(capacity, dtype=new_stack.dtype, device=self.jd_U.device)
+        if stack is not None:
+            new_stack[: stack.shape[0]] = stack
+            new_cluster[: stack.shape[0]] = self.jd_slot_cluster
+            new_scaling[: stack.shape[0]] = self.jd_slot_scaling
+        self.register_buffer("jd_sigma_stack", new_stack, persistent=False)
+        self.register_buffer("jd_slot_cluster", new_cluster, persistent=False)
+        self.register_buffer("jd_slot_scaling", new_scaling, persistent=False)
+        self._rebind_sigma_views()
+
+    def _rebind_sigma_views(self) -> None:
+        """Points every adapter's Σ parameter at its row of the stack (after growth or a device/dtype move)."""
+        for adapter_name, param in self.jd_sigma.items():
+            row = self.jd_sigma_stack[self.slot_table.slot_of[adapter_name]]
+            if param.data_ptr() != row.data_ptr():
+                row.copy_(param.data)
+                param.data = row
+
+    def _apply(self, fn, recurse: bool = True):
+        module = super()._apply(fn, recurse)
+        if getattr(self, "jd_sigma_stack", None) is not None:
+            self._rebind_sigma_views()
+        return module
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        rank: int,
+        sigma_type: str,
+        cluster: int,
+        scaling: float,
+        sigma: Optional[torch.Tensor] = None,
+        inference_mode: bool = False,
+        module_key: str = "",
+    ) -> None:
+        """Adds (or replaces) an adapter's Σ in this layer.
+
+        Args:
+            adapter_name: Name of the adapter.
+            rank: Shared rank r of the bases.
+            sigma_type: `"full"` or `"diag"`.
+            cluster: Cluster of the adapter for this module (index into the bases' first dimension).
+            scaling: Multiplier of the update.
+            sigma: Initial Σ; zeros if `None` (a freshly created adapter is a no-op until trained or loaded).
+            inference_mode: Freeze Σ.
+            module_key: Module name, for error messages.
+        """
+        if self.sigma_type is not None and sigma_type != self.sigma_type:
+            from ..errors import SigmaTypeMismatchError
+
+            raise SigmaTypeMismatchError(
+                f"adapter {adapter_name!r} has sigma_type={sigma_type!r} but module {module_key} already serves "
+                f"sigma_type={self.sigma_type!r} adapters. Full and diagonal collections need separate models."
+            )
+        num_clusters, _, bases_rank = self.jd_U.shape
+        if rank != bases_rank:
+            raise ShapeMismatchError(
+                f"adapter {adapter_name!r} has r={rank} but the bases of module {module_key} have rank {bases_rank}."
+            )
+        if not 0 <= cluster < num_clusters:
+            raise ShapeMismatchError(
+                f"adapter {adapter_name!r} is assigned cluster {cluster} for module {module_key}, but its bases have "
+                f"{num_clusters} cluster(s). The adapter was compressed against other bases."
+            )
+        self.sigma_type = sigma_type
+        slot = self.slot_table.acquire(adapter_name)
+        self._ensure_stack(rank, sigma_type)
+        row = self.jd_sigma_stack[slot]
+        if sigma is not None:
+            expected = tuple(row.shape)
+            if tuple(sigma.shape) != expected:
+                raise ShapeMismatchError(
+                    f"Σ of adapter {adapter_name!r} for module {module_key} has shape {tuple(sigma.shape)}, "
+                    f"expected {expected} (r={rank}, sigma_type={sigma_type!r})."
+                )
+            row.copy_(sigma)
+        else:
+            row.zero_()
+        self.jd_slot_cluster[slot] = cluster
+        self.jd_slot_scaling[slot] = scaling
+        param = nn.Parameter(row, requires_grad=not inference_mode)
+        self.jd_sigma[adapter_name] = param
+        self.jd_cluster[adapter_name] = cluster
+        self.jd_scaling[adapter_name] = scaling
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        slot = self.slot_table.slot_of.get(adapter_name)
+        if slot is not None and adapter_name in self.jd_sigma:
+            self.jd_sigma_stack[slot].zero_()
+            self.jd_slot_scaling[slot] = 0
+        super().delete_adapter(adapter_name)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # With low_cpu_mem_usage PEFT assigns new parameter objects; restore the views into the stack.
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        if getattr(self, "jd_sigma_stack", None) is not None:
+            device = self.jd_sigma[adapter_name].device
+            if self.jd_sigma_stack.device != device:
+                self._apply(lambda t: t.to(device))
+            self._rebind_sigma_views()
+
+    # ----------------------------------------------------------------------------------------------------- maths
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense `ΔW = scaling · U[c] Σ V[c]ᵀ` of one adapter, `(out_features, in_features)`."""
+        cluster = self.jd_cluster[adapter_name]
+        U, V = self.jd_U[cluster].float(), self.jd_V[cluster].float()
+        sigma = self.jd_sigma[adapter_name].float()
+        sigma = sigma if sigma.dim() == 2 else torch.diag(sigma)
+        return self.jd_scaling[adapter_name] * (U @ sigma @ V.T)
+
+    def _single_adapter_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Update of one adapter for all rows; differentiable w.r.t. its Σ (training path)."""
+        cluster = self.jd_cluster[adapter_name]
+        U, V = self.jd_U[cluster], self.jd_V[cluster]
+        sigma = self.jd_sigma[adapter_name]
+        hidden = x.to(V.dtype) @ V
+        hidden = hidden.to(sigma.dtype)
+        hidden = hidden * sigma if sigma.dim() == 1 else hidden @ sigma.T
+        return self.jd_scaling[adapter_name] * (hidden.to(U.dtype) @ U.T)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        if self.slot_table.row_slots is not None:
+            if getattr(self, "jd_sigma_stack", None) is None:
+                return result
+            slot_index = self.slot_table.token_slots(x)
+            flat_result = result.reshape(-1, self.out_features)
+            jd_lora_apply(
+                flat_result,
+                x.reshape(-1, self.in_features),
+                self.jd_U,
+                self.jd_V,
+                self.jd_sigma_stack,
+                slot_index,
+                self.jd_slot_cluster,
+                self.jd_slot_scaling,
+            )
+            return flat_result.view(result.shape) if flat_result.data_ptr() != result.data_ptr() else result
+        for adapter_name in self.active_adapters:
+            if adapter_name in self.jd_sigma:
+                result = result + self._single_adapter_delta(x, adapter_name).to(result.dtype)
+        return result
+
+    # ---------------------------------------------------------------------------------------------------- merging
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Adds the active (or given) adapters' ΔW to the base weight (dequantizing/requantizing bnb weights)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter_name in adapter_names:
+            if adapter_name not in self.jd_sigma:
+                continue
+            if self.quantization_backend is not None:
+                warnings.warn("Merging into a quantized base layer rounds the result to the quantized grid.")
+            weight = self.get_base_weight()
+            merged = weight.float() + self.get_delta_weight(adapter_name).to(weight.device)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights; adapter {adapter_name!r} seems broken.")
+            self.set_base_weight(merged.to(weight.dtype))
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            if adapter_name in self.jd_sigma:
+                weight = self.get_base_weight()
+                restored = weight.float() - self.get_delta_weight(adapter_name).to(weight.device)
+                self.set_base_weight(restored.to(weight.dtype))
+
+    def __repr__(self) -> str:
+        return "jdlora." + super().__repr__()
+
+
+class Linear(nn.Module, JDLoraLayer):
+    """JD-LoRA on an `nn.Linear` or a quantized linear layer (bitsandbytes 4-bit/8-bit)."""
+
+    def __init__(self, base_layer: nn.Module, slot_table: SlotTable, **kwargs: Any) -> None:
+        super().__init__()
+        JDLoraLayer.__init__(self, base_layer, slot_table, **kwargs)
+
+    forward = JDLoraLayer.forward
+    __repr__ = JDLoraLayer.__repr__
