@@ -1,0 +1,87 @@
+"""Shared test helpers: tiny config-built models and synthetic JD collections (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from peft_jd.format import BasesConfig, write_bases, write_sigma_adapter
+from peft_jd.tuner.config import JDLoraConfig
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj"]
+TINY_NAME = "tiny-llama"
+
+
+def tiny_llama(seed: int = 0, name: str = TINY_NAME, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    kwargs.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    model.config._name_or_path = name
+    return model
+
+
+def tiny_mistral(seed: int = 0, name: str = "tiny-mistral") -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           sliding_window=16)
+    model = MistralForCausalLM(config).eval()
+    model.config._name_or_path = name
+    return model
+
+
+def target_linears(model, targets=TARGETS) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets}
+
+
+def make_collection(
+    root: Path,
+    model,
+    n_adapters: int = 3,
+    r: int = 4,
+    clusters: int = 1,
+    sigma_type: str = "full",
+    seed: int = 0,
+    base_model: str = TINY_NAME,
+    sigma_scale: float = 0.5,
+) -> dict:
+    """Writes random bases + sigma adapters for `model` under `root`; returns the tensors for reference maths."""
+    gen = torch.Generator().manual_seed(seed)
+    bases, sigmas = {}, {f"task-{i}": {} for i in range(n_adapters)}
+    assignment = {f"task-{i}": i % clusters for i in range(n_adapters)}
+    for key, lin in target_linears(model).items():
+        U = torch.linalg.qr(torch.randn(clusters, lin.out_features, r, generator=gen))[0]
+        V = torch.linalg.qr(torch.randn(clusters, lin.in_features, r, generator=gen))[0]
+        bases[key] = (U.contiguous(), V.contiguous())
+        for name in sigmas:
+            shape = (r, r) if sigma_type == "full" else (r,)
+            sigmas[name][key] = sigma_scale * torch.randn(shape, generator=gen)
+    config = BasesConfig(r=r, sigma_type=sigma_type, num_clusters=clusters, base_model_name_or_path=base_model,
+                         target_modules=TARGETS, modules={})
+    config = write_bases(root / "bases", bases, config)
+    for name, per_module in sigmas.items():
+        adapter_config = JDLoraConfig(
+            r=r, sigma_type=sigma_type, target_modules=TARGETS, bases="../../bases",
+            bases_fingerprint=config.fingerprint, cluster=assignment[name], base_model_name_or_path=base_model,
+            task_type="CAUSAL_LM",
+        )
+        write_sigma_adapter(root / "adapters" / name, per_module, adapter_config)
+    return {"bases": bases, "sigmas": sigmas, "clusters": assignment, "fingerprint": config.fingerprint}
+
+
+def dense_delta(collection: dict, adapter: str, module_key: str) -> torch.Tensor:
+    U, V = collection["bases"][module_key]
+    c = collection["clusters"][adapter]
+    sigma = collection["sigmas"][adapter][module_key]
+    sigma = sigma if sigma.dim() == 2 else torch.diag(sigma)
+    return U[c] @ sigma @ V[c].T
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
