@@ -42,8 +42,9 @@ class SharedBases:
         directory: Local directory the files were read from.
     """
 
-    def __init__(self, key: BasesKey, config: BasesConfig, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 directory: str):
+    def __init__(
+        self, key: BasesKey, config: BasesConfig, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]], directory: str
+    ):
         self.key = key
         self.config = config
         self.tensors = tensors
@@ -68,7 +69,7 @@ class SharedBases:
         return sum(U.nbytes + V.nbytes for U, V in self.tensors.values())
 
 
-_STORE: "weakref.WeakValueDictionary[BasesKey, SharedBases]" = weakref.WeakValueDictionary()
+_STORE: weakref.WeakValueDictionary[BasesKey, SharedBases] = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
 
 

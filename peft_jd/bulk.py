@@ -22,7 +22,10 @@ def _local_adapter_dir(source: str, revision: Optional[str], **hub_kwargs) -> st
     from huggingface_hub import snapshot_download
 
     return snapshot_download(
-        source, revision=revision, allow_patterns=[ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "README.md"], **hub_kwargs
+        source,
+        revision=revision,
+        allow_patterns=[ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "README.md"],
+        **hub_kwargs,
     )
 
 
@@ -77,14 +80,18 @@ def load_adapters(
 
     tuner = getattr(model, "base_model", model)
     if not isinstance(tuner, JDLoraModel):
-        raise TypeError("load_adapters needs a PeftModel holding a JD-LoRA adapter; load one with "
-                        "PeftModel.from_pretrained(base_model, adapter) first.")
+        raise TypeError(
+            "load_adapters needs a PeftModel holding a JD-LoRA adapter; load one with "
+            "PeftModel.from_pretrained(base_model, adapter) first."
+        )
     names = list(adapter_names) if adapter_names is not None else [_default_name(s) for s in sources]
     if len(names) != len(sources):
         raise ValueError(f"got {len(sources)} sources but {len(names)} adapter_names.")
     duplicates = sorted({n for n in names if n in tuner.peft_config} | {n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"adapter name(s) already loaded or repeated: {duplicates[:10]}; pass distinct adapter_names.")
+        raise ValueError(
+            f"adapter name(s) already loaded or repeated: {duplicates[:10]}; pass distinct adapter_names."
+        )
     layers = tuner.jd_layers()
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         results = pool.map(lambda s: _read_adapter(s, revision, hub_kwargs), sources)

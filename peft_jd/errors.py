@@ -10,7 +10,7 @@ class BasesNotFoundError(JDLoraError):
 
 
 class BasesMismatchError(JDLoraError):
-    """An adapter was compressed against other bases (other collection, revision or fingerprint) than the loaded ones."""
+    """An adapter was compressed against other bases (collection, revision or fingerprint) than the loaded ones."""
 
 
 class ShapeMismatchError(JDLoraError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from peft import LoraConfig
@@ -28,8 +29,11 @@ class LoraExport:
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Writes `adapter_config.json` + `adapter_model.safetensors`, atomically, loadable by any LoRA server."""
         with atomic_directory(save_directory) as tmp:
-            save_file({k: v.contiguous() for k, v in self.state_dict.items()}, tmp / ADAPTER_WEIGHTS_NAME,
-                      metadata={"format": "pt"})
+            save_file(
+                {k: v.contiguous() for k, v in self.state_dict.items()},
+                tmp / ADAPTER_WEIGHTS_NAME,
+                metadata={"format": "pt"},
+            )
             self.config.save_pretrained(str(tmp))
             # PEFT writes target_modules from a set in arbitrary order; keep files reproducible.
             path = tmp / ADAPTER_CONFIG_NAME
@@ -48,6 +52,34 @@ def _tuner(model):
     return tuner
 
 
+def _lora_factors(
+    U: torch.Tensor, V: torch.Tensor, sigma: torch.Tensor, scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(lora_A, lora_B) = (Vᵀ, scaling · U Σ)` computed in float64."""
+    sigma = sigma.detach().double()
+    sigma = sigma if sigma.dim() == 2 else torch.diag(sigma)
+    lora_b = scaling * (U.double() @ sigma)
+    return V.double().T.to("cpu", dtype).contiguous(), lora_b.to("cpu", dtype).contiguous()
+
+
+def _build_export(jd_config, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> LoraExport:
+    state_dict = {}
+    for module_key, (lora_a, lora_b) in factors.items():
+        state_dict[f"{PEFT_KEY_PREFIX}{module_key}.lora_A.weight"] = lora_a
+        state_dict[f"{PEFT_KEY_PREFIX}{module_key}.lora_B.weight"] = lora_b
+    config = LoraConfig(
+        r=jd_config.r,
+        lora_alpha=jd_config.r,
+        target_modules=jd_config.target_modules,
+        lora_dropout=0.0,
+        bias="none",
+        task_type=jd_config.task_type,
+        base_model_name_or_path=jd_config.base_model_name_or_path,
+        inference_mode=True,
+    )
+    return LoraExport(config=config, state_dict=state_dict)
+
+
 def to_lora(model, adapter_name: str = "default", dtype: torch.dtype = torch.float32) -> LoraExport:
     """Exports one loaded JD-LoRA adapter as an exact rank-r PEFT LoRA.
 
@@ -62,30 +94,43 @@ def to_lora(model, adapter_name: str = "default", dtype: torch.dtype = torch.flo
     tuner = _tuner(model)
     if adapter_name not in tuner.peft_config:
         raise KeyError(f"adapter {adapter_name!r} is not loaded; loaded: {sorted(tuner.peft_config)[:10]}")
-    jd_config = tuner.peft_config[adapter_name]
-    state_dict: dict[str, torch.Tensor] = {}
+    factors = {}
     for module_key, layer in tuner.jd_layers().items():
-        if adapter_name not in layer.jd_sigma:
-            continue
-        cluster = layer.jd_cluster[adapter_name]
-        U, V = layer.jd_U[cluster].double(), layer.jd_V[cluster].double()
-        sigma = layer.jd_sigma[adapter_name].detach().double()
-        sigma = sigma if sigma.dim() == 2 else torch.diag(sigma)
-        lora_b = layer.jd_scaling[adapter_name] * (U @ sigma)
-        prefix = f"{PEFT_KEY_PREFIX}{module_key}"
-        state_dict[f"{prefix}.lora_A.weight"] = V.T.to("cpu", dtype).contiguous()
-        state_dict[f"{prefix}.lora_B.weight"] = lora_b.to("cpu", dtype).contiguous()
-    if not state_dict:
+        if adapter_name in layer.jd_sigma:
+            cluster = layer.jd_cluster[adapter_name]
+            factors[module_key] = _lora_factors(
+                layer.jd_U[cluster],
+                layer.jd_V[cluster],
+                layer.jd_sigma[adapter_name],
+                layer.jd_scaling[adapter_name],
+                dtype,
+            )
+    if not factors:
         raise ValueError(f"adapter {adapter_name!r} has no JD-LoRA layers in this model.")
-    config = LoraConfig(
-        r=jd_config.r,
-        lora_alpha=jd_config.r,
-        target_modules=jd_config.target_modules,
-        lora_dropout=0.0,
-        bias="none",
-        task_type=jd_config.task_type,
-        base_model_name_or_path=jd_config.base_model_name_or_path,
-        inference_mode=True,
-    )
-    return LoraExport(config=config, state_dict=state_dict)
+    return _build_export(tuner.peft_config[adapter_name], factors)
 
+
+def export_adapter_to_lora(
+    adapter: str, revision: Optional[str] = None, dtype: torch.dtype = torch.float32, **hub_kwargs
+) -> LoraExport:
+    """Exports a sigma adapter from its files (no base model needed) as an exact rank-r PEFT LoRA.
+
+    Args:
+        adapter: Sigma adapter directory or Hub repo id.
+        revision: Hub revision of the adapter.
+        dtype: dtype of the exported factors.
+        hub_kwargs: Passed to huggingface_hub downloads (`token`, `cache_dir`, …).
+    """
+    from .bases_store import load_shared_bases
+    from .bulk import _read_adapter
+
+    config, sigmas = _read_adapter(adapter, revision, hub_kwargs)
+    shared = load_shared_bases(
+        config.bases, config.bases_revision, config.bases_subfolder, config.bases_fingerprint, adapter, **hub_kwargs
+    )
+    factors = {}
+    for module_key, sigma in sigmas.items():
+        U, V = shared.module(module_key)
+        cluster = config.cluster_of(module_key)
+        factors[module_key] = _lora_factors(U[cluster], V[cluster], sigma, config.scaling, dtype)
+    return _build_export(config, factors)

@@ -162,7 +162,9 @@ def write_bases(
         if U.dim() == 2:
             U, V = U.unsqueeze(0), V.unsqueeze(0)
         if U.shape[0] != V.shape[0] or U.shape[-1] != config.r or V.shape[-1] != config.r:
-            raise ValueError(f"bases of {module_key}: U {tuple(U.shape)} and V {tuple(V.shape)} disagree with r={config.r}")
+            raise ValueError(
+                f"bases of {module_key}: U {tuple(U.shape)} and V {tuple(V.shape)} disagree with r={config.r}"
+            )
         check_finite(U, f"bases U of module {module_key}")
         check_finite(V, f"bases V of module {module_key}")
         tensors[f"{module_key}.U"] = U.detach().to("cpu").contiguous()

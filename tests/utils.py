@@ -18,8 +18,15 @@ TINY_NAME = "tiny-llama"
 
 def tiny_llama(seed: int = 0, name: str = TINY_NAME, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128)
+    kwargs = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     kwargs.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
     model.config._name_or_path = name
@@ -28,9 +35,16 @@ def tiny_llama(seed: int = 0, name: str = TINY_NAME, **overrides) -> LlamaForCau
 
 def tiny_mistral(seed: int = 0, name: str = "tiny-mistral") -> MistralForCausalLM:
     torch.manual_seed(seed)
-    config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           sliding_window=16)
+    config = MistralConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        sliding_window=16,
+    )
     model = MistralForCausalLM(config).eval()
     model.config._name_or_path = name
     return model
@@ -62,13 +76,24 @@ def make_collection(
         for name in sigmas:
             shape = (r, r) if sigma_type == "full" else (r,)
             sigmas[name][key] = sigma_scale * torch.randn(shape, generator=gen)
-    config = BasesConfig(r=r, sigma_type=sigma_type, num_clusters=clusters, base_model_name_or_path=base_model,
-                         target_modules=TARGETS, modules={})
+    config = BasesConfig(
+        r=r,
+        sigma_type=sigma_type,
+        num_clusters=clusters,
+        base_model_name_or_path=base_model,
+        target_modules=TARGETS,
+        modules={},
+    )
     config = write_bases(root / "bases", bases, config)
     for name, per_module in sigmas.items():
         adapter_config = JDLoraConfig(
-            r=r, sigma_type=sigma_type, target_modules=TARGETS, bases="../../bases",
-            bases_fingerprint=config.fingerprint, cluster=assignment[name], base_model_name_or_path=base_model,
+            r=r,
+            sigma_type=sigma_type,
+            target_modules=TARGETS,
+            bases="../../bases",
+            bases_fingerprint=config.fingerprint,
+            cluster=assignment[name],
+            base_model_name_or_path=base_model,
             task_type="CAUSAL_LM",
         )
         write_sigma_adapter(root / "adapters" / name, per_module, adapter_config)

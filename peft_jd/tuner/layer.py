@@ -50,7 +50,7 @@ class JDLoraLayer(BaseTunerLayer):
             raise ShapeMismatchError(f"bases of {module_key}: malformed U {tuple(U.shape)} / V {tuple(V.shape)}.")
         if U.shape[1] != self.out_features or V.shape[1] != self.in_features:
             raise ShapeMismatchError(
-                f"bases of module {module_key} are for a {V.shape[1]}→{U.shape[1]} layer, but the base model's layer is "
+                f"bases of module {module_key} are for a {V.shape[1]}→{U.shape[1]} layer, but the base model's is "
                 f"{self.in_features}→{self.out_features}. The collection was compressed for another base model."
             )
         if self.bases_id is not None:
@@ -67,8 +67,7 @@ class JDLoraLayer(BaseTunerLayer):
         stack = getattr(self, "jd_sigma_stack", None)
         if stack is not None and stack.shape[0] >= capacity:
             return
-        new_stack = torch.zeros(shape, dtype=torch.float32 if stack is None else stack.dtype,
-                                device=self.jd_U.device)
+        new_stack = torch.zeros(shape, dtype=torch.float32 if stack is None else stack.dtype, device=self.jd_U.device)
         new_cluster = torch.zeros(capacity, dtype=torch.long, device=self.jd_U.device)
         new_scaling = torch.zeros(capacity, dtype=new_stack.dtype, device=self.jd_U.device)
         if stack is not None:
@@ -230,7 +229,7 @@ class JDLoraLayer(BaseTunerLayer):
             if adapter_name not in self.jd_sigma:
                 continue
             if self.quantization_backend is not None:
-                warnings.warn("Merging into a quantized base layer rounds the result to the quantized grid.")
+                warnings.warn("Merging into a quantized layer rounds the result to the quantized grid.", stacklevel=2)
             weight = self.get_base_weight()
             merged = weight.float() + self.get_delta_weight(adapter_name).to(weight.device)
             if safe_merge and not torch.isfinite(merged).all():
@@ -240,7 +239,7 @@ class JDLoraLayer(BaseTunerLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
