@@ -88,7 +88,7 @@ class JDLoraLayer(BaseTunerLayer):
                 param.data = row
 
     def _apply(self, fn, recurse: bool = True):
-        module = super()._apply(fn, recurse)
+        module = nn.Module._apply(self, fn, recurse)
         if getattr(self, "jd_sigma_stack", None) is not None:
             self._rebind_sigma_views()
         return module
@@ -259,5 +259,7 @@ class Linear(nn.Module, JDLoraLayer):
         super().__init__()
         JDLoraLayer.__init__(self, base_layer, slot_table, **kwargs)
 
+    # nn.Module precedes JDLoraLayer in the MRO; these must resolve to the JD-LoRA versions.
     forward = JDLoraLayer.forward
+    _apply = JDLoraLayer._apply
     __repr__ = JDLoraLayer.__repr__
