@@ -81,6 +81,11 @@ def resolve_bases_key(bases: str, revision: Optional[str] = None, subfolder: Opt
     return BasesKey(location=bases, revision=revision, subfolder=subfolder or None)
 
 
+def _looks_like_local_path(location: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else can only be a path.
+    return os.path.isabs(location) or location.startswith(".") or location.count("/") > 1 or "\\" in location
+
+
 def _download_bases(key: BasesKey, **hub_kwargs) -> str:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
@@ -104,10 +109,6 @@ def _download_bases(key: BasesKey, **hub_kwargs) -> str:
         raise BasesNotFoundError(
             f"{key.describe()} has no {BASES_CONFIG_NAME}/{BASES_WEIGHTS_NAME}; it is not a JD bases folder."
         ) from exc
-    except OSError as exc:
-        if not os.path.isabs(key.location) and os.sep not in key.location.strip("/"):
-            raise
-        raise BasesNotFoundError(f"bases directory {key.describe()} does not exist ({exc}).") from exc
     return os.path.dirname(paths[0])
 
 
@@ -158,7 +159,15 @@ def load_shared_bases(
         shared = _STORE.get(key)
         if shared is None:
             local_dir = os.path.join(key.location, key.subfolder or "")
-            directory = local_dir if os.path.isdir(local_dir) else _download_bases(key, **hub_kwargs)
+            if os.path.isdir(local_dir):
+                directory = local_dir
+            elif _looks_like_local_path(key.location):
+                raise BasesNotFoundError(
+                    f"bases directory {local_dir!r} (needed by adapter {adapter_name!r}) does not exist. Copy or pull "
+                    "the collection's bases there, or fix `bases` in the adapter config."
+                )
+            else:
+                directory = _download_bases(key, **hub_kwargs)
             shared = _read_bases_dir(directory, key)
             _STORE[key] = shared
     if expected_fingerprint and shared.fingerprint and expected_fingerprint != shared.fingerprint:

@@ -11,7 +11,13 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resol
 from torch import nn
 
 from ..bases_store import SharedBases, load_shared_bases
-from ..errors import BaseModelMismatchError, BasesMismatchError, SigmaTypeMismatchError, UnknownAdapterError
+from ..errors import (
+    BaseModelMismatchError,
+    BasesMismatchError,
+    ShapeMismatchError,
+    SigmaTypeMismatchError,
+    UnknownAdapterError,
+)
 from .config import JDLoraConfig
 from .layer import JDLoraLayer, Linear
 from .slots import BASE_ADAPTER_NAME, SlotTable
@@ -87,6 +93,7 @@ class JDLoraModel(BaseTuner):
                 f"adapter {adapter_name!r} has sigma_type={config.sigma_type!r} but its bases were compressed for "
                 f"sigma_type={shared.config.sigma_type!r}."
             )
+        self._check_clusters(config, shared, adapter_name)
         model_name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
         for name in (config.base_model_name_or_path, model_name):
             if not _same_base_model(shared.config.base_model_name_or_path, name):
@@ -96,6 +103,22 @@ class JDLoraModel(BaseTuner):
                     "base model it was trained for."
                 )
         return shared
+
+    @staticmethod
+    def _check_clusters(config: JDLoraConfig, shared: SharedBases, adapter_name: str) -> None:
+        # Checked before injection so that a bad adapter leaves the model untouched.
+        clusters = (
+            config.cluster
+            if isinstance(config.cluster, dict)
+            else dict.fromkeys(shared.config.modules, config.cluster)
+        )
+        for module_key, cluster in clusters.items():
+            spec = shared.config.modules.get(module_key)
+            if spec is not None and not 0 <= int(cluster) < spec.num_clusters:
+                raise ShapeMismatchError(
+                    f"adapter {adapter_name!r} is assigned cluster {cluster} for module {module_key}, but its bases "
+                    f"have {spec.num_clusters} cluster(s). The adapter was compressed against other bases."
+                )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]

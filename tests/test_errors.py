@@ -1,0 +1,126 @@
+"""Every documented error case raises the documented exception, naming the adapter/module and the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from utils import make_collection, tiny_llama
+
+import peft_jd
+from peft_jd.format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, BASES_WEIGHTS_NAME
+
+
+@pytest.fixture()
+def coll(tmp_path):
+    make_collection(tmp_path / "a", tiny_llama(), n_adapters=2, r=4, clusters=2)
+    return tmp_path
+
+
+def edit_config(adapter_dir, **changes):
+    path = adapter_dir / ADAPTER_CONFIG_NAME
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_missing_bases(coll):
+    shutil.rmtree(coll / "a" / "bases")
+    with pytest.raises(peft_jd.BasesNotFoundError, match="bases"):
+        PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-0"))
+
+
+def test_incomplete_bases_directory(coll):
+    (coll / "a" / "bases" / BASES_WEIGHTS_NAME).unlink()
+    with pytest.raises(peft_jd.BasesNotFoundError, match="not written completely"):
+        PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-0"))
+
+
+def test_sigma_shape_mismatch_names_adapter_and_module(coll):
+    adapter = coll / "a" / "adapters" / "task-1"
+    tensors = load_file(adapter / ADAPTER_WEIGHTS_NAME)
+    key = sorted(tensors)[0]
+    tensors[key] = torch.zeros(5, 5)
+    save_file(tensors, adapter / ADAPTER_WEIGHTS_NAME)
+    model = PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-0"))
+    module = key.removeprefix("base_model.model.").removesuffix(".jd_sigma")
+    with pytest.raises(peft_jd.ShapeMismatchError, match=rf"'bad'.*{module}"):
+        peft_jd.load_adapters(model, [str(adapter)], adapter_names=["bad"], progress=False)
+    assert "bad" not in model.peft_config and "bad" not in model.base_model.slot_table
+
+
+def test_nan_sigma_is_rejected(coll):
+    adapter = coll / "a" / "adapters" / "task-1"
+    tensors = load_file(adapter / ADAPTER_WEIGHTS_NAME)
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, adapter / ADAPTER_WEIGHTS_NAME)
+    model = PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-0"))
+    with pytest.raises(peft_jd.AdapterFormatError, match="NaN"):
+        peft_jd.load_adapters(model, [str(adapter)], progress=False)
+
+
+def test_bases_for_another_base_model_shape(coll):
+    other = tiny_llama(hidden_size=32, intermediate_size=64)
+    with pytest.raises(peft_jd.ShapeMismatchError, match="another base model"):
+        PeftModel.from_pretrained(other, str(coll / "a" / "adapters" / "task-0"))
+
+
+def test_base_model_name_mismatch(coll):
+    with pytest.raises(peft_jd.BaseModelMismatchError, match="tiny-llama"):
+        PeftModel.from_pretrained(tiny_llama(name="org/other-model"), str(coll / "a" / "adapters" / "task-0"))
+
+
+def test_unknown_adapter_in_adapter_names(coll):
+    model = PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-0"))
+    with pytest.raises(peft_jd.UnknownAdapterError, match="typo.*Loaded adapters: default"), torch.no_grad():
+        model(input_ids=torch.zeros(2, 3, dtype=torch.long), adapter_names=["default", "typo"])
+
+
+def test_sigma_type_mismatch(coll):
+    make_collection(coll / "d", tiny_llama(), n_adapters=1, r=4, sigma_type="diag")
+    model = PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-0"))
+    with pytest.raises(peft_jd.JDLoraError, match="sigma_type"):
+        model.load_adapter(str(coll / "d" / "adapters" / "task-0"), adapter_name="diag")
+
+
+def test_other_bases_collection_is_refused(coll):
+    make_collection(coll / "b", tiny_llama(), n_adapters=1, r=4, clusters=2, seed=7)
+    model = PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-0"))
+    with pytest.raises(peft_jd.BasesMismatchError, match="already serves bases"):
+        model.load_adapter(str(coll / "b" / "adapters" / "task-0"), adapter_name="other")
+    with pytest.raises(peft_jd.BasesMismatchError, match="already serves bases"):
+        peft_jd.load_adapters(model, [str(coll / "b" / "adapters" / "task-0")], progress=False)
+
+
+def test_fingerprint_mismatch_after_recompression(coll):
+    adapter = coll / "a" / "adapters" / "task-0"
+    edit_config(adapter, bases_fingerprint="0" * 64)
+    with pytest.raises(peft_jd.BasesMismatchError, match="fingerprint"):
+        PeftModel.from_pretrained(tiny_llama(), str(adapter))
+
+
+def test_cluster_out_of_range(coll):
+    adapter = coll / "a" / "adapters" / "task-0"
+    edit_config(adapter, cluster=5)
+    model = PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-1"))
+    with pytest.raises(peft_jd.ShapeMismatchError, match="cluster 5"):
+        model.load_adapter(str(adapter), adapter_name="bad")
+    assert all("bad" not in layer.jd_sigma for layer in model.base_model.jd_layers().values())
+
+
+def test_rank_mismatch(coll):
+    adapter = coll / "a" / "adapters" / "task-0"
+    edit_config(adapter, r=8)
+    with pytest.raises(peft_jd.JDLoraError, match="r=8"):
+        PeftModel.from_pretrained(tiny_llama(), str(adapter))
+
+
+def test_duplicate_names_in_bulk_load(coll):
+    model = PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-0"))
+    with pytest.raises(ValueError, match="already loaded or repeated"):
+        peft_jd.load_adapters(model, [str(coll / "a" / "adapters" / "task-1")], adapter_names=["default"])
