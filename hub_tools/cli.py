@@ -1,0 +1,119 @@
+"""`peft-jd push`, `peft-jd pull` and `peft-jd ls` (registered by `peft_jd.cli` through `register`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict
+
+
+logger = logging.getLogger(__name__)
+
+
+def _add_hub_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
+    parser.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+
+
+def register(subparsers) -> None:
+    """Adds the `push`, `pull` and `ls` subcommands."""
+    push = subparsers.add_parser("push", help="upload a compressed collection to the Hugging Face Hub")
+    push.add_argument("collection", help="collection folder (bases/, adapters/<name>/, report.json)")
+    push.add_argument("--repo", help="one repo holding bases/ and adapters/<name>/ as subfolders")
+    push.add_argument("--bases-repo", help="repo for the bases (one repo per adapter layout)")
+    push.add_argument("--adapter-repo", help="repo id template with {name}, e.g. 'org/{name}-jd'")
+    push.add_argument("--adapters", nargs="+", help="push only these adapters")
+    push.add_argument("--private", action="store_true", help="create missing repos as private")
+    push.add_argument("--workers", type=int, default=8, help="adapter repos pushed in parallel")
+    push.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_hub_args(push)
+    push.set_defaults(func=_push)
+
+    pull = subparsers.add_parser("pull", help="download sigma adapter(s) and the bases commit they pin")
+    pull.add_argument("repo", help="adapter repo, or collection repo (with --subfolder / --all / --adapters)")
+    pull.add_argument("--subfolder", help="folder of the adapter inside the repo, e.g. adapters/task-17")
+    pull.add_argument("--all", action="store_true", help="pull every adapter of the collection")
+    pull.add_argument("--adapters", nargs="+", help="pull these adapters of the collection")
+    pull.add_argument("--revision", help="branch, tag or commit sha")
+    pull.add_argument("--local-dir", help="also write a self-contained copy (bases/ + adapters/<name>/) here")
+    pull.add_argument("--cache-dir", help="huggingface_hub cache (default: HF_HUB_CACHE)")
+    pull.add_argument("--offline", action="store_true", help="use the local cache only")
+    _add_hub_args(pull)
+    pull.set_defaults(func=_pull)
+
+    ls = subparsers.add_parser("ls", help="list the adapters, clusters and report figures of a pushed collection")
+    ls.add_argument("repo", help="collection repo (bases repo or single collection repo) or adapter repo")
+    ls.add_argument("--revision", help="branch, tag or commit sha")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    _add_hub_args(ls)
+    ls.set_defaults(func=_ls)
+
+
+def _push(args) -> int:
+    from .push import push_collection
+
+    result = push_collection(
+        args.collection, repo=args.repo, bases_repo=args.bases_repo, adapter_repo=args.adapter_repo,
+        adapters=args.adapters, private=args.private, token=args.token, endpoint=args.endpoint,
+        max_workers=args.workers, progress=not args.no_progress,
+    )
+    bases = result.bases_repo + (f"/{result.bases_subfolder}" if result.bases_subfolder else "")
+    print(f"bases: {bases} @ {result.bases_revision} ({'uploaded' if result.bases_uploaded else 'unchanged'})")
+    print(f"adapters: {len(result.uploaded)} uploaded, {len(result.adapters) - len(result.uploaded)} unchanged")
+    return 0
+
+
+def _pull(args) -> int:
+    from .collection import pull_collection
+    from .pull import pull_adapter
+
+    kwargs = dict(revision=args.revision, local_dir=args.local_dir, token=args.token, endpoint=args.endpoint,
+                  cache_dir=args.cache_dir, local_files_only=args.offline)
+    if args.all or args.adapters:
+        pulled = list(pull_collection(args.repo, names=args.adapters, **kwargs).values())
+    else:
+        pulled = [pull_adapter(args.repo, subfolder=args.subfolder, **kwargs)]
+    for item in pulled:
+        print(f"{item.name}\t{item.adapter_dir}")
+    first = pulled[0]
+    bases = first.bases_repo + (f"/{first.bases_subfolder}" if first.bases_subfolder else "")
+    print(f"bases: {bases} @ {first.bases_revision} -> {first.bases_dir} (sha256 {first.fingerprint[:12]}… verified)")
+    return 0
+
+
+def _format_figures(figures: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(figures.items())) or "-"
+
+
+def _ls(args) -> int:
+    from .collection import list_collection
+
+    listing = list_collection(args.repo, revision=args.revision, token=args.token, endpoint=args.endpoint)
+    if args.json:
+        data = asdict(listing)
+        data.pop("report")
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    bases = listing.bases
+    location = (bases.get("repo") or "?") + (f"/{bases['subfolder']}" if bases.get("subfolder") else "")
+    print(f"{listing.repo_id} @ {listing.revision[:12]}  ({listing.kind}"
+          + (f", layout: {listing.layout}" if listing.layout else "") + ")")
+    print(f"base model: {listing.base_model or '?'}")
+    revision, fingerprint = bases.get("revision") or "?", bases.get("fingerprint") or "?"
+    print(f"bases: {location} @ {revision[:12]}  sha256 {fingerprint[:12]}")
+    rows = [("ADAPTER", "LOCATION", "CLUSTER", "REPORT")]
+    for a in listing.adapters:
+        where = a.repo_id + (f"/{a.subfolder}" if a.subfolder else "")
+        cluster = "per-module" if isinstance(a.cluster, dict) else str(a.cluster)
+        stale = "" if not a.bases_revision or a.bases_revision == bases.get("revision") else \
+            f" [older bases {a.bases_revision[:12]}]"
+        rows.append((a.name, where, cluster, _format_figures(a.figures) + (f" FAILED: {a.failure}" if a.failure else
+                                                                            "") + stale))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+    for name, failure in sorted(listing.failures.items()):
+        print(f"{name}: not pushed, compression failed: {failure}")
+    print(f"{len(listing.adapters)} adapter(s), {len(listing.failures)} failed in compression")
+    return 0

@@ -1,0 +1,23 @@
+"""Errors raised by hub_tools. Each names the collection, adapter or repo at fault and says how to fix it."""
+
+from peft_jd.errors import JDLoraError
+
+
+class HubToolsError(JDLoraError):
+    """Base class of hub_tools errors (a `ValueError`, like every peft-jd error)."""
+
+
+class CollectionError(HubToolsError):
+    """The local collection folder is missing files, inconsistent, or not a compressed collection."""
+
+
+class HubAuthError(HubToolsError):
+    """No token, or the Hub rejected it / it lacks write access to the target namespace."""
+
+
+class PushError(HubToolsError):
+    """A push did not complete; what is on the Hub is consistent and re-running the push resumes it."""
+
+
+class PullError(HubToolsError):
+    """An adapter (or its bases) could not be downloaded; nothing half-downloaded is returned."""
