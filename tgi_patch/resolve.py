@@ -1,0 +1,172 @@
+"""Resolving and validating the launcher's JD adapters before TGI starts: every adapter ends up as a local directory
+checked against one local bases directory, so that a typo or a broken adapter fails at launch, not at request time.
+
+Adapter entries (`--jd-lora-adapters`, comma-separated, TGI's syntax plus an `hf:` form):
+
+* `name=/local/dir`: a local sigma adapter directory;
+* `name=hf:owner/repo/sub/folder@rev`: a folder of a Hub repo (e.g. one adapter of a pushed collection);
+* `owner/repo` or `owner/repo@rev`: a Hub repo holding one adapter at its root (requests use `owner/repo`);
+* a local directory path alone (requests use the path).
+
+Collections (`--jd-lora-collection DIR` or `owner/repo[@rev]`): every `adapters/<name>/` folder, served as `<name>`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from ._core import import_core
+from .adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, JDAdapterSpec, check_against_bases, sigma_shapes
+
+
+class LaunchError(ValueError):
+    """A launcher argument or adapter is invalid; the message says which and how to fix it."""
+
+
+@dataclass
+class AdapterEntry:
+    """One requested JD adapter: its request name and where it is (local path, or Hub repo + folder + revision)."""
+
+    name: str
+    path: Optional[str] = None
+    repo_id: Optional[str] = None
+    subfolder: Optional[str] = None
+    revision: Optional[str] = None
+
+
+@dataclass
+class ResolvedAdapter:
+    """A validated JD adapter: request name, local directory, and the local bases directory it is served with."""
+
+    name: str
+    directory: str
+    bases_dir: str
+    bases_identity: str
+
+
+_NAME_RE = re.compile(r"^[^=@,]+$")
+
+
+def parse_adapter_entries(value: str) -> list[AdapterEntry]:
+    """Parses a comma-separated `--jd-lora-adapters` value (see the module docstring)."""
+    entries = []
+    for raw in value.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        name, sep, target = item.partition("=")
+        name = name.strip()
+        if not sep:
+            target, _, revision = item.partition("@")
+            if os.path.isdir(target):
+                entries.append(AdapterEntry(name=target, path=target))
+            else:
+                entries.append(AdapterEntry(name=target, repo_id=target, revision=revision or None))
+        elif target.startswith("hf:"):
+            location, _, revision = target[3:].partition("@")
+            parts = location.strip("/").split("/")
+            if len(parts) < 2:
+                raise LaunchError(f"JD adapter entry {item!r}: write hf:owner/repo[/folder][@revision].")
+            entries.append(AdapterEntry(name=name, repo_id="/".join(parts[:2]), subfolder="/".join(parts[2:]) or None,
+                                        revision=revision or None))
+        else:
+            entries.append(AdapterEntry(name=name, path=target))
+        if not _NAME_RE.match(entries[-1].name):
+            raise LaunchError(f"JD adapter entry {item!r}: the adapter name may not contain '=', '@' or ','.")
+    return entries
+
+
+def _snapshot(repo_id: str, revision: Optional[str], patterns: list[str]) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+    except Exception as exc:  # noqa: BLE001 - any download failure is a launch error naming the repo
+        raise LaunchError(f"cannot download {patterns} from Hub repo {repo_id!r}@{revision or 'main'}: {exc}") from exc
+
+
+def entry_directory(entry: AdapterEntry) -> str:
+    """Local directory of an adapter entry (downloading its two files from the Hub when needed)."""
+    if entry.path is not None:
+        if not os.path.isdir(entry.path):
+            raise LaunchError(f"JD adapter {entry.name!r}: directory {entry.path!r} does not exist.")
+        return os.path.abspath(entry.path)
+    folder = f"{entry.subfolder}/" if entry.subfolder else ""
+    root = _snapshot(entry.repo_id, entry.revision, [folder + ADAPTER_CONFIG_NAME, folder + ADAPTER_WEIGHTS_NAME])
+    return os.path.join(root, entry.subfolder or "")
+
+
+def collection_entries(collection: str) -> list[AdapterEntry]:
+    """All adapters of a collection (local directory or Hub repo `owner/repo[@rev]`), named by their folder."""
+    if os.path.isdir(collection):
+        root = collection
+    else:
+        repo_id, _, revision = collection.partition("@")
+        root = _snapshot(repo_id, revision or None,
+                         [f"adapters/*/{ADAPTER_CONFIG_NAME}", f"adapters/*/{ADAPTER_WEIGHTS_NAME}"])
+    adapters_dir = os.path.join(root, "adapters")
+    names = sorted(n for n in os.listdir(adapters_dir)) if os.path.isdir(adapters_dir) else []
+    names = [n for n in names if os.path.isfile(os.path.join(adapters_dir, n, ADAPTER_CONFIG_NAME))]
+    if not names:
+        raise LaunchError(f"JD collection {collection!r} has no adapters/<name>/{ADAPTER_CONFIG_NAME}.")
+    return [AdapterEntry(name=n, path=os.path.join(adapters_dir, n)) for n in names]
+
+
+def bases_directory(spec: JDAdapterSpec, override: Optional[str]) -> str:
+    """Local bases directory of an adapter (the override, a local reference, or a Hub download)."""
+    if override:
+        if not os.path.isdir(override):
+            raise LaunchError(f"--jd-lora-bases {override!r} is not a directory.")
+        return os.path.abspath(override)
+    location, revision, subfolder = spec.bases_reference()
+    local = os.path.join(location, subfolder or "")
+    if os.path.isdir(local):
+        return os.path.abspath(local)
+    if os.path.isabs(location) or location.startswith("."):
+        raise LaunchError(f"JD adapter {spec.adapter_id!r}: its bases directory {local!r} does not exist.")
+    fmt = import_core("format")
+    folder = f"{subfolder}/" if subfolder else ""
+    root = _snapshot(location, revision, [folder + fmt.BASES_CONFIG_NAME, folder + fmt.BASES_WEIGHTS_NAME])
+    return os.path.join(root, subfolder or "")
+
+
+def validate_adapter(entry: AdapterEntry, bases_override: Optional[str] = None) -> ResolvedAdapter:
+    """Resolves an entry to local directories and checks it against its bases from file headers (no tensor data).
+
+    Raises:
+        LaunchError or a `peft_jd` error naming the adapter, file and fix.
+    """
+    fmt = import_core("format")
+    spec = JDAdapterSpec.from_directory(entry.name, entry_directory(entry))
+    bases_dir = bases_directory(spec, bases_override)
+    config_path = os.path.join(bases_dir, fmt.BASES_CONFIG_NAME)
+    for path in (config_path, os.path.join(bases_dir, fmt.BASES_WEIGHTS_NAME)):
+        if not os.path.isfile(path):
+            raise LaunchError(f"JD adapter {entry.name!r}: bases file {path} does not exist.")
+    bases_config = fmt.BasesConfig.from_file(config_path)
+    check_against_bases(spec, sigma_shapes(spec), bases_config, bases_dir)
+    return ResolvedAdapter(entry.name, spec.directory, bases_dir, bases_config.fingerprint or bases_dir)
+
+
+def validate_all(entries: list[AdapterEntry], bases_override: Optional[str], lora_ids: list[str]
+                 ) -> list[ResolvedAdapter]:
+    """Validates every entry; names must be unique and distinct from plain LoRA ids, and one bases collection
+    must serve all of them (TGI serves one model; the patch serves one JD collection per server)."""
+    if not entries:
+        return []
+    names = [e.name for e in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(lora_ids)))
+    if duplicates:
+        raise LaunchError(f"adapter id(s) {duplicates} are given more than once; every adapter id must be unique.")
+    resolved = [validate_adapter(entry, bases_override) for entry in entries]
+    identities = {r.bases_identity for r in resolved}
+    if len(identities) > 1:
+        groups = {i: [r.name for r in resolved if r.bases_identity == i][:3] for i in identities}
+        raise LaunchError(
+            f"the JD adapters use {len(identities)} different bases collections ({groups}); one server serves one "
+            "collection. Start one server per collection."
+        )
+    return resolved
