@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import peft_jd.kernels as kernels
+import peft_jd.kernels.torch_ops as torch_ops
 from peft_jd.kernels import jd_lora_apply, jd_lora_apply_torch, select_backend
+from peft_jd.kernels.torch_ops import row_blocks
 
 
 # Relative error allowed on the update (and, scaled by |y|, on the rounding of y itself) per compute dtype.
@@ -188,6 +190,59 @@ def test_torch_int32_slots_and_all_base_rows():
     problem["slot_index"] = torch.zeros_like(problem["slot_index"])
     y = run_kernel(jd_lora_apply_torch, problem)
     assert torch.equal(y, problem["y"])
+
+
+def sequence_slots(seq_slots: list[int], seq_len: int) -> torch.Tensor:
+    """Per-token slots of a batch of sequences (one adapter per sequence), as `SlotTable.token_slots` builds them."""
+    return torch.tensor(seq_slots).repeat_interleave(seq_len)
+
+
+def test_row_blocks_gcd_and_cache():
+    slots = torch.tensor([1, 1, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3])
+    blocks = row_blocks(slots)
+    assert blocks.length == 2 and blocks.slots.tolist() == [1, 1, 2, 3, 3, 3]
+    assert row_blocks(slots) is blocks  # cached for the next layer of the same forward
+    slots[5] = 4  # an in-place change bumps the version counter and must not reuse the cached blocks
+    assert row_blocks(slots).length == 1
+    assert row_blocks(torch.tensor([7, 7, 7])).length == 3
+    assert row_blocks(torch.tensor([7])).length == 1
+
+
+def _recording(fn, name: str, calls: list):
+    def wrapper(*args):
+        calls.append(name)
+        return fn(*args)
+
+    return wrapper
+
+
+# Sequences of 6 tokens: adjacent sequences share adapters 3 and 1 (runs of 12), two `__base__` sequences.
+PREFILL_SLOTS = [3, 3, 0, 5, 1, 1, 2, 0, 4]
+
+
+@pytest.mark.parametrize("strategy", ["gathered", "sorted"])
+@pytest.mark.parametrize("seq_len", [1, 6])
+@pytest.mark.parametrize("sigma_type", ["full", "diag"])
+def test_torch_multi_cluster_strategies(monkeypatch, strategy, seq_len, sigma_type):
+    problem = make_problem(num_rows=len(PREFILL_SLOTS) * seq_len, rank=5, num_clusters=3, num_slots=6,
+                           sigma_type=sigma_type, seed=21)
+    problem["slot_index"] = sequence_slots(PREFILL_SLOTS, seq_len)
+    monkeypatch.setattr(torch_ops, "_use_gathered_bases", lambda *args: strategy == "gathered")
+    taken = []
+    for name in ("_gathered_bases", "_sorted_by_cluster"):
+        monkeypatch.setattr(torch_ops, name, _recording(getattr(torch_ops, name), name, taken))
+    y = check_against_reference(jd_lora_apply_torch, problem, torch.float32, f"{strategy}, L={seq_len}")
+    assert taken == [f"_{strategy}_bases" if strategy == "gathered" else "_sorted_by_cluster"]
+    assert y.shape == problem["y"].shape
+
+
+@pytest.mark.parametrize("num_clusters", [1, 3])
+def test_torch_prefill_blocks_bf16_and_inference_mode(num_clusters):
+    problem = make_problem(num_rows=len(PREFILL_SLOTS) * 6, num_clusters=num_clusters, num_slots=6,
+                           dtype=torch.bfloat16, seed=22)
+    with torch.inference_mode():
+        problem["slot_index"] = sequence_slots(PREFILL_SLOTS, 6)
+        check_against_reference(jd_lora_apply_torch, problem, torch.bfloat16, "prefill blocks, inference mode")
 
 
 # -------------------------------------------------------------------------------------------------------- dispatch
