@@ -11,6 +11,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import itertools
+import os
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -160,6 +161,8 @@ class HubStore:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.users: dict[str, User] = {}
         self._counter = itertools.count()
+        # Commit ids must never repeat across resets: processes cache bases by (repo, sha).
+        self._salt = os.urandom(8).hex()
 
     # ------------------------------------------------------------------------------------------------ repositories
     def get(self, repo_type: str, repo_id: str, user: Optional[User], write: bool = False) -> Repo:
@@ -182,7 +185,7 @@ class HubStore:
 
     # ----------------------------------------------------------------------------------------------------- commits
     def new_oid(self, *parts: str) -> str:
-        return hashlib.sha1("\n".join((*parts, str(next(self._counter)))).encode()).hexdigest()
+        return hashlib.sha1("\n".join((self._salt, *parts, str(next(self._counter)))).encode()).hexdigest()
 
     def commit(
         self,

@@ -70,13 +70,14 @@ class Response:
 
 @dataclass
 class Fault:
-    """Makes the next `count` requests matching `method` and `path_regex` fail: `status` or `"drop"` (connection
-    closed without answer) or `"truncate"` (GET body cut in half, then closed)."""
+    """Lets `after` requests matching `method` and `path_regex` through, then makes the next `count` fail with
+    `action`: an HTTP status, `"drop"` (connection closed without answer) or `"truncate"` (body cut in half)."""
 
     method: str
     path_regex: str
     action: Any = 500
     count: int = 1
+    after: int = 0
 
     def matches(self, method: str, path: str) -> bool:
         return self.count > 0 and method == self.method and re.search(self.path_regex, path) is not None
@@ -174,8 +175,8 @@ class HttpHub:
         with self._log_lock:
             self.requests.append(entry)
 
-    def inject_fault(self, method: str, path_regex: str, action: Any = 500, count: int = 1) -> Fault:
-        fault = Fault(method, path_regex, action, count)
+    def inject_fault(self, method: str, path_regex: str, action: Any = 500, count: int = 1, after: int = 0) -> Fault:
+        fault = Fault(method, path_regex, action, count, after)
         with self._log_lock:
             self.faults.append(fault)
         return fault
@@ -184,6 +185,9 @@ class HttpHub:
         with self._log_lock:
             for fault in self.faults:
                 if fault.matches(method, path):
+                    if fault.after > 0:
+                        fault.after -= 1
+                        continue
                     fault.count -= 1
                     return fault.action
         return None
