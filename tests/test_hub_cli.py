@@ -1,0 +1,121 @@
+"""`peft-jd push / pull / ls` through `hub_tools.cli.register`, plus the report reader and the model cards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import pytest
+from utils import make_collection, tiny_llama
+
+from hub_tools.cards import collection_card, human_size
+from hub_tools.cli import register
+from hub_tools.errors import CollectionError
+from hub_tools.report import parse_report, read_report
+from peft_jd.format import BasesConfig
+
+
+pytest_plugins = ["hub_server.fixtures"]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-collection")
+    make_collection(root, tiny_llama(), n_adapters=3, r=4, clusters=2)
+    report = {"adapters": [{"name": "task-0", "rel_error": 0.1}, {"name": "task-1", "rel_error": 0.2},
+                           {"name": "task-2", "rel_error": 0.3}, {"name": "task-5", "status": "failed",
+                                                                  "message": "rank 0 LoRA"}]}
+    (root / "report.json").write_text(json.dumps(report))
+    return root
+
+
+def run(argv: list[str], capsys) -> str:
+    parser = argparse.ArgumentParser(prog="peft-jd")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    return capsys.readouterr().out
+
+
+def test_push_ls_pull_one_repo_per_adapter(hub, collection, tmp_path, capsys):
+    push = ["push", str(collection), "--bases-repo", "org/bases", "--adapter-repo", "org/{name}-jd", "--no-progress"]
+    out = run(push, capsys)
+    assert "adapters: 3 uploaded, 0 unchanged" in out and "(uploaded)" in out
+    out = run(push, capsys)
+    assert "adapters: 0 uploaded, 3 unchanged" in out and "(unchanged)" in out
+
+    out = run(["ls", "org/bases"], capsys)
+    lines = out.splitlines()
+    assert "layout: repos" in lines[0] and "base model: tiny-llama" in out
+    row = next(line for line in lines if line.startswith("task-1 "))
+    assert "org/task-1-jd" in row and " 1 " in row and "rel_error=0.2" in row
+    assert "task-5: not pushed, compression failed: rank 0 LoRA" in out
+    assert lines[-1] == "3 adapter(s), 1 failed in compression"
+    listing = json.loads(run(["ls", "org/bases", "--json"], capsys))
+    assert [a["name"] for a in listing["adapters"]] == ["task-0", "task-1", "task-2"]
+
+    out = run(["pull", "org/task-1-jd", "--local-dir", str(tmp_path / "local")], capsys)
+    assert f"task-1-jd\t{tmp_path / 'local' / 'adapters' / 'task-1-jd'}" in out and "verified" in out
+    assert (tmp_path / "local" / "bases" / "jd_bases.safetensors").is_file()
+
+
+def test_push_single_repo_and_pull_all(hub, collection, tmp_path, capsys):
+    out = run(["push", str(collection), "--repo", "org/collection", "--private", "--no-progress"], capsys)
+    assert "bases: org/collection/bases @" in out and hub.repo("org/collection").private
+    out = run(["pull", "org/collection", "--all", "--local-dir", str(tmp_path / "all")], capsys)
+    assert sorted(line.split("\t")[0] for line in out.splitlines() if "\t" in line) == ["task-0", "task-1", "task-2"]
+    out = run(["pull", "org/collection", "--subfolder", "adapters/task-2"], capsys)
+    assert out.startswith("task-2\t") and "org/collection/bases @" in out
+    out = run(["pull", "org/collection", "--subfolder", "adapters/task-2", "--offline"], capsys)
+    assert out.startswith("task-2\t")
+
+
+def test_push_argument_errors(hub, collection, tmp_path, capsys):
+    with pytest.raises(ValueError, match="choose one layout"):
+        run(["push", str(collection), "--repo", "org/a", "--bases-repo", "org/b"], capsys)
+    with pytest.raises(ValueError, match="must contain"):
+        run(["push", str(collection), "--bases-repo", "org/b", "--adapter-repo", "org/fixed"], capsys)
+    with pytest.raises(CollectionError, match="not a compressed collection"):
+        run(["push", str(tmp_path), "--repo", "org/a"], capsys)
+    with pytest.raises(CollectionError, match="task-8"):
+        run(["push", str(collection), "--repo", "org/a", "--adapters", "task-8"], capsys)
+    assert not hub.store.repos
+
+
+def test_push_refuses_adapter_of_other_bases(hub, tmp_path, capsys):
+    root = tmp_path / "mixed"
+    make_collection(root, tiny_llama(), n_adapters=1, r=4)
+    config = json.loads((root / "adapters" / "task-0" / "adapter_config.json").read_text())
+    config["bases_fingerprint"] = "f" * 64
+    (root / "adapters" / "task-0" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CollectionError, match="peft-jd add"):
+        run(["push", str(root), "--repo", "org/a"], capsys)
+
+
+def test_report_reader_accepts_likely_shapes(tmp_path, caplog):
+    by_name = parse_report({"adapters": {"a": {"cluster": 2, "rel_error": 0.5, "errors": {"max": 0.9}},
+                                         "b": {"status": "error", "error_message": "diverged"}},
+                            "time_s": 12.0, "name": "x"})
+    assert by_name.adapters["a"].cluster == 2
+    assert by_name.adapters["a"].figures == {"rel_error": 0.5, "errors.max": 0.9}
+    assert by_name.failures() == {"b": "diverged"} and by_name.figures == {"time_s": 12.0}
+    listed = parse_report({"adapters": [{"adapter": "a", "err": 0.25}, {"adapter": "b", "err": 0.75}, {"x": 1}]})
+    assert listed.mean_figures() == {"err": 0.5} and sorted(listed.adapters) == ["a", "b"]
+    assert parse_report({"adapters": {"a": {"error": "NaN in lora_B"}}}).failures() == {"a": "NaN in lora_B"}
+    with caplog.at_level(logging.WARNING):
+        assert parse_report(["not", "an", "object"]).adapters == {}
+        (tmp_path / "report.json").write_text("{truncated")
+        assert read_report(tmp_path / "report.json").adapters == {}
+    assert "unreadable" in caplog.text
+    assert read_report(tmp_path / "missing.json").adapters == {}
+
+
+def test_collection_card_truncates_long_tables():
+    bases = BasesConfig(r=4, sigma_type="diag", num_clusters=1, base_model_name_or_path=None, target_modules=[],
+                        modules={}, fingerprint="ab" * 32)
+    adapters = {f"t{i:03d}": {"repo": f"org/t{i:03d}", "subfolder": None, "cluster": 0} for i in range(105)}
+    card = collection_card("org/bases", bases, 1234567, "c" * 40, adapters, parse_report({}))
+    assert card.startswith("---\nlibrary_name: peft\n") and "base_model" not in card.split("---")[1]
+    assert "| t099 |" in card and "| t100 |" not in card and "and 5 more" in card and "1.2 MB" in card
+    assert [human_size(n) for n in (999, 1000, 2_500_000_000)] == ["999 B", "1.0 kB", "2.5 GB"]
