@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import httpx2
 from huggingface_hub import HfApi
-from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from peft_jd.format import ADAPTER_CONFIG_NAME
 
@@ -92,6 +93,13 @@ def list_collection(
         endpoint: Hub endpoint (default: `HF_ENDPOINT`).
     """
     api = HfApi(endpoint=endpoint, token=token)
+    try:
+        return _list(api, repo_id, revision)
+    except (HfHubHTTPError, httpx2.TransportError) as exc:
+        raise HubToolsError(f"listing {repo_id} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _list(api: HfApi, repo_id: str, revision: Optional[str]) -> CollectionListing:
     sha = _repo_sha(api, repo_id, revision)
     index = read_remote_json(api, repo_id, INDEX_NAME, revision=sha)
     if index is not None:

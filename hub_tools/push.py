@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import httpx2
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
@@ -301,11 +302,16 @@ def push_collection(
     layout = _layout(repo, bases_repo, adapter_repo)
     collection = read_collection(collection_dir, adapters)
     api = HfApi(endpoint=endpoint, token=token)
-    if layout == "repos":
-        repo_ids = {name: adapter_repo.format(name=name) for name in collection.adapters}
-        _check_repo_ids({"(bases)": bases_repo, **repo_ids})
-        _check_token(api)
-        return _push_repos(api, collection, bases_repo, repo_ids, private, max_workers, progress)
-    _check_repo_ids({"(collection)": repo})
+    repo_ids = {name: adapter_repo.format(name=name) for name in collection.adapters} if layout == "repos" else {}
+    _check_repo_ids({"(bases)": bases_repo, **repo_ids} if layout == "repos" else {"(collection)": repo})
     _check_token(api)
-    return _push_subfolders(api, collection, repo, private, adapters_per_commit, progress)
+    try:
+        if layout == "repos":
+            return _push_repos(api, collection, bases_repo, repo_ids, private, max_workers, progress)
+        return _push_subfolders(api, collection, repo, private, adapters_per_commit, progress)
+    except (HfHubHTTPError, httpx2.TransportError) as exc:
+        raise PushError(
+            f"push of {collection_dir} to {bases_repo or repo} stopped: {type(exc).__name__}: {exc}. What reached the "
+            "Hub is consistent (adapters are committed whole, pinned to committed bases; the index comes last). "
+            "Re-run the same push to resume."
+        ) from exc

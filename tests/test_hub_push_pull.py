@@ -166,6 +166,15 @@ def test_interrupted_single_repo_push_resumes(hub, collection):
     assert resumed.uploaded == ["task-1", "task-2"] and not resumed.bases_uploaded
 
 
+def test_network_failure_during_bases_upload_is_explained(hub, collection):
+    root, _ = collection
+    hub.inject_fault("POST", r"^/api/models/org/collection/commit/", "drop")
+    with pytest.raises(PushError, match="Re-run the same push"):
+        _push(root, "subfolders")
+    assert list(hub.repo("org/collection").resolve("main").files) == [".gitattributes"]
+    assert _push(root, "subfolders").bases_uploaded
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_push_after_add_uploads_only_new_adapter(hub, collection, layout, tmp_path):
     root, data = collection
