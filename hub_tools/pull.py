@@ -26,6 +26,7 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    RevisionResolutionError,
 )
 
 from peft_jd.errors import BasesMismatchError, BasesNotFoundError
@@ -128,7 +129,7 @@ def _bases_reference(config: dict, repo_id: str, subfolder: Optional[str], where
             bases, bases_subfolder = _resolve_relative_bases(bases, bases_subfolder, repo_id, subfolder)
         except ValueError as exc:
             raise PullError(f"{where}: {exc}") from exc
-    elif os.path.isabs(bases) or os.path.isdir(bases):
+    elif os.path.isabs(bases):
         raise PullError(f"{where}: adapter points to the local folder {bases!r}; it was uploaded without "
                         "`peft-jd push`, which rewrites the bases reference to the pushed bases.")
     return bases, bases_subfolder, config.get("bases_revision")
@@ -160,7 +161,23 @@ def _download_bases(api: HfApi, repo_id: str, subfolder: Optional[str], revision
     return Path(paths[0]).parent
 
 
-def _verify_bases(bases_dir: Path, config: dict, adapter: str, where: str) -> BasesConfig:
+def _current_commit(api: HfApi, bases_repo: str, same_repo_commit: Optional[str], adapter: str,
+                    local_files_only: bool) -> str:
+    """Bases commit of an adapter that pins none (not pushed with `peft-jd push`); its sha256 is still checked."""
+    if same_repo_commit:
+        return same_repo_commit
+    try:
+        return api.resolve_revision(bases_repo, local_files_only=local_files_only).resolved
+    except RepositoryNotFoundError as exc:
+        raise BasesNotFoundError(f"adapter {adapter!r}: bases repo {bases_repo!r} not found or not accessible."
+                                 ) from exc
+    except (RevisionResolutionError, HfHubHTTPError) as exc:
+        raise PullError(f"adapter {adapter!r} does not pin its bases and the current commit of {bases_repo!r} cannot "
+                        f"be resolved ({exc}).") from exc
+
+
+def _verify_bases(bases_dir: Path, config: dict, adapter: str, where: str) -> str:
+    """Checks the downloaded bases against the adapter's records; returns their sha256."""
     bases_config = BasesConfig.from_file(bases_dir / BASES_CONFIG_NAME)
     actual = verified_sha256(bases_dir / BASES_WEIGHTS_NAME)
     for label, expected in (("the adapter", config.get("bases_fingerprint")), ("the bases config",
@@ -174,7 +191,7 @@ def _verify_bases(bases_dir: Path, config: dict, adapter: str, where: str) -> Ba
     if bases_config.r != config.get("r") or bases_config.sigma_type != config.get("sigma_type"):
         raise BasesMismatchError(f"adapter {adapter!r} (r={config.get('r')}, {config.get('sigma_type')}) does not "
                                  f"match its bases {where} (r={bases_config.r}, {bases_config.sigma_type}).")
-    return bases_config
+    return actual
 
 
 def _place(source: Path, target: Path) -> None:
@@ -244,15 +261,13 @@ def pull_adapter(
     adapter_dir, commit = _download_adapter(api, repo_id, subfolder, revision, hub_kwargs)
     config = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
     bases_repo, bases_subfolder, bases_revision = _bases_reference(config, repo_id, subfolder, where)
-    if not bases_revision:
-        # An unpinned adapter (not pushed with `peft-jd push`): use the bases' current commit, still sha-checked.
-        bases_revision = commit if bases_repo == repo_id else str(api.resolve_revision(bases_repo))
-        logger.warning("%s does not pin its bases revision; using %s@%s.", where, bases_repo, bases_revision)
     name = adapter_name or posixpath.basename((subfolder or repo_id).rstrip("/"))
+    if not bases_revision:
+        bases_revision = _current_commit(api, bases_repo, commit if bases_repo == repo_id else None, name,
+                                         local_files_only)
+        logger.warning("%s does not pin its bases revision; using %s@%s.", where, bases_repo, bases_revision)
     bases_dir = _download_bases(api, bases_repo, bases_subfolder, str(bases_revision), name, hub_kwargs)
-    bases_where = _describe(bases_repo, bases_subfolder, bases_revision)
-    fingerprint = _verify_bases(bases_dir, config, name, bases_where).fingerprint or \
-        verified_sha256(bases_dir / BASES_WEIGHTS_NAME)
+    fingerprint = _verify_bases(bases_dir, config, name, _describe(bases_repo, bases_subfolder, bases_revision))
     pulled = PulledAdapter(name, repo_id, subfolder, commit, adapter_dir, bases_repo, bases_subfolder,
                            str(bases_revision), bases_dir, fingerprint)
     return _materialise(pulled, config, Path(local_dir)) if local_dir is not None else pulled

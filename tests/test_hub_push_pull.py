@@ -239,6 +239,22 @@ def test_bases_revision_gone_is_an_error_not_a_fallback(hub, collection):
         PeftModel.from_pretrained(tiny_llama(), "org/task-0-jd")
 
 
+def test_unpinned_adapter_uses_current_bases_commit(hub, collection, caplog):
+    root, data = collection
+    result = _push(root, "repos")
+    config = json.loads((root / "adapters" / "task-0" / "adapter_config.json").read_text())
+    config.update(bases="org/bases", bases_revision=None)
+    api = HfApi()
+    api.create_repo("org/hand-made")
+    weights = str(root / "adapters" / "task-0" / "adapter_model.safetensors")
+    api.create_commit("org/hand-made", [CommitOperationAdd("adapter_config.json", json.dumps(config).encode()),
+                                        CommitOperationAdd("adapter_model.safetensors", weights)],
+                      commit_message="uploaded by hand")
+    pulled = pull_adapter("org/hand-made")
+    assert pulled.bases_revision == hub.head("org/bases") != result.bases_revision
+    assert pulled.fingerprint == data["fingerprint"] and "does not pin its bases revision" in caplog.text
+
+
 def test_bases_integrity_is_checked(hub, collection, tmp_path):
     root, _ = collection
     _push(root, "repos")
