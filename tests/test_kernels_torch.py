@@ -66,23 +66,29 @@ def make_problem(
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in problem.items()}
 
 
-def dense_reference(problem: dict) -> np.ndarray:
-    """`(T, out)` float64 update from dense per-slot ΔW, computed with numpy only."""
+def dense_reference(problem: dict, max_dense_elements: int = 20_000_000) -> np.ndarray:
+    """`(T, out)` float64 update, computed with numpy only: from each used slot's dense
+    `ΔW_a = s_a U[c_a] Σ_a V[c_a]ᵀ` when these fit in `max_dense_elements`, else in factored form (large GPU cases)."""
     U = problem["U"].double().cpu().numpy()
     V = problem["V"].double().cpu().numpy()
     sigma = problem["sigma_stack"].double().cpu().numpy()
     slot_cluster = problem["slot_cluster"].cpu().numpy()
-    num_slots = sigma.shape[0]
     scaling = problem["scaling"]
-    scale = scaling.double().cpu().numpy() if isinstance(scaling, torch.Tensor) else np.full(num_slots, scaling)
-    delta_w = np.empty((num_slots, U.shape[1], V.shape[1]))
-    for slot in range(num_slots):
-        c = slot_cluster[slot]
-        sig = sigma[slot] if sigma.ndim == 3 else np.diag(sigma[slot])
-        delta_w[slot] = scale[slot] * U[c] @ sig @ V[c].T
+    scale = scaling.double().cpu().numpy() if isinstance(scaling, torch.Tensor) else np.full(sigma.shape[0], scaling)
     x = problem["x"].double().cpu().numpy()
     slots = problem["slot_index"].cpu().numpy()
-    return np.einsum("ti,toi->to", x, delta_w[slots])
+    used = np.unique(slots)
+    dense = used.size * U.shape[1] * V.shape[1] <= max_dense_elements
+    delta = np.zeros((x.shape[0], U.shape[1]))
+    for slot in used:
+        c = slot_cluster[slot]
+        sig = sigma[slot] if sigma.ndim == 3 else np.diag(sigma[slot])
+        rows = slots == slot
+        if dense:
+            delta[rows] = x[rows] @ (scale[slot] * U[c] @ sig @ V[c].T).T
+        else:
+            delta[rows] = scale[slot] * (((x[rows] @ V[c]) @ sig.T) @ U[c].T)
+    return delta
 
 
 def assert_close_to_reference(

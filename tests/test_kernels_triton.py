@@ -185,8 +185,11 @@ def test_cuda_mistral_shapes(sigma_type, dtype):
 
 @cuda_only
 def test_cuda_no_host_sync_and_graph_capture():
-    problem = problem_on_device(num_rows=64, in_features=256, out_features=128, rank=16, num_clusters=5,
+    # 300 rows and 5 clusters: rows are sorted on the device; in_features 2048: split-K with a zeroed fp32 buffer.
+    problem = problem_on_device(num_rows=300, in_features=2048, out_features=128, rank=16, num_clusters=5,
                                 num_slots=50, dtype=torch.bfloat16, seed=14)
+    config = default_launch_config(300, 2048, 128, 16, 5, torch.device(DEVICE))
+    assert config.sort_rows and config.split_k > 1
     jd_lora_apply_triton(**{**problem, "y": problem["y"].clone()})  # compile outside the checks
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -19,6 +19,36 @@ import triton
 import triton.language as tl
 
 
+# Only core `tl` builtins are called (not `tl.zeros`/`tl.sum`/`tl.max`, which are @jit functions themselves), so that
+# the kernels also run under the interpreter when triton was first imported without TRITON_INTERPRET, as happens in a
+# test session. Reductions pass triton's own combine functions where it has them: the interpreter recognises those
+# and reduces with numpy instead of calling the combine function element by element.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _minimum(a, b):
+    return tl.minimum(a, b)
+
+
+_sum_combine = getattr(tl.standard, "_sum_combine", _add)
+_max_combine = getattr(tl.standard, "_elementwise_max", _maximum)
+_min_combine = getattr(tl.standard, "_elementwise_min", _minimum)
+
+
+@triton.jit
+def _any(mask):
+    """Whether any element of a 1-D boolean tensor is set (a scalar)."""
+    return tl.reduce(mask.to(tl.int32), 0, _max_combine) > 0
+
+
 @triton.jit
 def _tile_rows(
     pid_t,
@@ -45,8 +75,8 @@ def _tile_rows(
 @triton.jit
 def _cluster_range(cluster, active, num_clusters):
     """Smallest and largest cluster of the active rows (an empty range if none is active)."""
-    lo = tl.min(tl.where(active, cluster, num_clusters), axis=0)
-    hi = tl.max(tl.where(active, cluster, -1), axis=0)
+    lo = tl.reduce(tl.where(active, cluster, num_clusters), 0, _min_combine)
+    hi = tl.reduce(tl.where(active, cluster, -1), 0, _max_combine)
     return lo, hi
 
 
@@ -110,15 +140,15 @@ def jd_shrink_sigma_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, in_features)
     x_rows = x_ptr + pos[:, None] * stride_xt
-    acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    acc = tl.full((BLOCK_T, R_PAD), 0.0, tl.float32)
     if SINGLE_CLUSTER:
         c_lo = 0
-        c_hi = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, 0, -1)
+        c_hi = tl.where(_any(active), 0, -1)
     else:
         c_lo, c_hi = _cluster_range(cluster, active, num_clusters)
     for c in range(c_lo, c_hi + 1):
         in_cluster = active & (cluster == c)
-        if tl.max(in_cluster.to(tl.int32), axis=0) > 0:
+        if _any(in_cluster):
             v_cluster = v_ptr + c * stride_vc
             for k0 in range(k_start, k_end, BLOCK_K):
                 k_idx = k0 + offs_k
@@ -132,7 +162,7 @@ def jd_shrink_sigma_kernel(
     if HAS_SCALING_TENSOR:
         scale = tl.load(scaling_ptr + slot, mask=active, other=0.0).to(tl.float32)
     else:
-        scale = tl.full((BLOCK_T,), scaling_value, tl.float32)
+        scale = tl.full((BLOCK_T,), 0.0, tl.float32) + scaling_value
     g_rows = g_ptr + rows.to(tl.int64)[:, None] * R_PAD
     sigma_rows = sigma_ptr + slot * stride_s0
     if FULL_SIGMA:
@@ -146,7 +176,7 @@ def jd_shrink_sigma_kernel(
                 mask=s_mask,
                 other=0.0,
             ).to(tl.float32)
-            g_part = tl.sum(s_tile * acc[:, None, :], axis=2) * scale[:, None]
+            g_part = tl.reduce(s_tile * acc[:, None, :], 2, _sum_combine) * scale[:, None]
             g_ptrs = g_rows + i_idx[None, :]
             if USE_ATOMIC:
                 tl.atomic_add(g_ptrs, g_part, mask=active[:, None], sem="relaxed")
@@ -200,7 +230,7 @@ def jd_expand_kernel(
     u_mask = (offs_r < rank)[:, None] & n_mask[None, :]
     g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * R_PAD + offs_r[None, :], mask=active[:, None], other=0.0)
     u_offsets = offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_T, BLOCK_N), 0.0, tl.float32)
     if SINGLE_CLUSTER:
         u_tile = tl.load(u_ptr + u_offsets, mask=u_mask, other=0.0)
         acc = _dot(g, u_tile, acc, DOT_DTYPE, UPCAST, INPUT_PRECISION)
@@ -208,7 +238,7 @@ def jd_expand_kernel(
         c_lo, c_hi = _cluster_range(cluster, active, num_clusters)
         for c in range(c_lo, c_hi + 1):
             in_cluster = active & (cluster == c)
-            if tl.max(in_cluster.to(tl.int32), axis=0) > 0:
+            if _any(in_cluster):
                 u_tile = tl.load(u_ptr + c * stride_uc + u_offsets, mask=u_mask, other=0.0)
                 g_cluster = tl.where(in_cluster[:, None], g, 0.0)
                 acc = _dot(g_cluster, u_tile, acc, DOT_DTYPE, UPCAST, INPUT_PRECISION)

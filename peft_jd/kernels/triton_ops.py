@@ -166,10 +166,11 @@ def _check_inputs(
             raise TypeError(f"JD-LoRA kernel: {name} must be int32 or int64, got {tensors[name].dtype}.")
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _input_precision(dtype: torch.dtype) -> Optional[str]:
+    """fp32 dots follow torch's TF32 switch, as `torch.matmul` would; other dtypes have one precision."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _dot_dtype(dtype: torch.dtype, interpret: bool) -> tuple[tl.dtype, bool]:

@@ -1,0 +1,367 @@
+"""One-shot GPU check of the JD-LoRA kernels: Triton tests on CUDA, then a kernel micro-benchmark. Prints JSON.
+
+Meant to be run blind on a lent GPU (see `benchmarks/gpu_check.sh` and docs/kernels.md) and to finish well inside five
+minutes: the tests run in a subprocess with a timeout (on 8 pytest-xdist workers when available, since compiling the
+kernel variants dominates), the benchmark compiles its kernels in parallel worker processes first and stops adding
+cases when `--time-budget` is spent. Every failure is recorded in the JSON instead of aborting the run.
+
+Benchmark: Mistral-7B shapes (in 4096; out 4096 = q_proj, 1024 = k/v_proj), r ∈ {16, 64}, T ∈ {1 … 4096} tokens in
+min(T, 32) sequences whose adapters are drawn uniformly from 1,000 (clusters drawn uniformly from 1 or 25), bf16,
+full Σ. Per case: the Triton path (eager and replayed from a CUDA graph), the PyTorch path, and a single LoRA's GEMM
+pair `y += (x Aᵀ) Bᵀ` (eager and graph), median times from `triton.testing`; plus the Triton result's relative error
+against the PyTorch path and its bandwidth over a lower bound of the bytes it must move.
+
+Without CUDA (`--device cpu`) it times the PyTorch path and the GEMM pair only, for checking the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_FILE = "tests/test_kernels_triton.py"
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="JD-LoRA kernels: Triton tests on CUDA and micro-benchmark (JSON).")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="a few small cases (smoke test of this script)")
+    parser.add_argument("--skip-tests", action="store_true", help="do not run the Triton tests")
+    parser.add_argument("--tests-timeout", type=float, default=150.0, help="at most this many seconds for the tests")
+    parser.add_argument("--time-budget", type=float, default=240.0,
+                        help="seconds for the whole run: no benchmark case starts after it is spent")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="T values (default 1 16 64 256 1024 4096)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=None, help="r values (default 16 64)")
+    parser.add_argument("--clusters", type=int, nargs="+", default=[1, 25])
+    parser.add_argument("--adapters", type=int, default=1000)
+    parser.add_argument("--in-features", type=int, default=4096)
+    parser.add_argument("--out-features", type=int, nargs="+", default=None, help="default 1024 4096")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--sigma-type", choices=["full", "diag"], default="full")
+    parser.add_argument("--compile-workers", type=int, default=8, help="processes compiling kernels up front (0: off)")
+    parser.add_argument("--out", default=None, help="also write the JSON report to this file")
+    args = parser.parse_args(argv)
+    defaults = {"tokens": ([1, 64], [1, 16, 64, 256, 1024, 4096]), "ranks": ([16], [16, 64]),
+                "out_features": ([1024], [1024, 4096])}
+    for name, (quick, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    for name in ("tokens", "ranks", "clusters", "out_features"):
+        if any(v <= 0 for v in getattr(args, name)):
+            parser.error(f"--{name.replace('_', '-')} values must be positive")
+    if args.adapters <= 0 or args.in_features <= 0:
+        parser.error("--adapters and --in-features must be positive")
+    return args
+
+
+def import_kernels() -> tuple[types.ModuleType, str]:
+    """`peft_jd.kernels`, imported without `peft_jd/__init__` if the installed peft/transformers do not fit it (the
+    GPU image's versions differ from ours; the kernels need torch and triton only)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        return importlib.import_module("peft_jd.kernels"), "package"
+    except Exception as exc:  # noqa: BLE001 - any import-time failure of the optional dependencies
+        for name in [m for m in sys.modules if m == "peft_jd" or m.startswith("peft_jd.")]:
+            del sys.modules[name]
+        install_package_stub()
+        return importlib.import_module("peft_jd.kernels"), f"stub package ({type(exc).__name__}: {exc})"
+
+
+def install_package_stub() -> None:
+    """Registers an empty `peft_jd` package so that `peft_jd.kernels` imports without `peft_jd/__init__.py`."""
+    stub = types.ModuleType("peft_jd")
+    stub.__path__ = [str(ROOT / "peft_jd")]
+    sys.modules["peft_jd"] = stub
+
+
+# ------------------------------------------------------------------------------------------------------------ tests
+def run_tests(timeout: float) -> dict[str, Any]:
+    """Runs the Triton test file in a pytest subprocess (8 xdist workers when available: compiling the kernel variants
+    dominates); returns its outcome and the tail of its log."""
+    import importlib.util
+
+    command = [sys.executable, "-m", "pytest", TEST_FILE, "-q", "-x", "-p", "no:cacheprovider", "-p", "gpu_check"]
+    if importlib.util.find_spec("xdist") is not None:
+        command += ["-n", str(min(8, os.cpu_count() or 1))]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "benchmarks"), env.get("PYTHONPATH")]))
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        output, returncode = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        returncode = None
+    lines = [line for line in output.splitlines() if line.strip()]
+    summary = next((line for line in reversed(lines) if " passed" in line or " failed" in line or "error" in line), "")
+    return {"command": " ".join(command[1:]), "returncode": returncode, "timed_out": returncode is None,
+            "summary": summary.strip("= "), "seconds": round(time.perf_counter() - start, 1),
+            "log_tail": "\n".join(lines[-40:])}
+
+
+def pytest_configure(config) -> None:
+    """Pytest plugin hook (`-p gpu_check`, in every xdist worker too): the package stub if `import peft_jd` fails."""
+    import_kernels()
+
+
+# -------------------------------------------------------------------------------------------------------- benchmark
+def make_case(torch, T: int, in_f: int, out_f: int, r: int, clusters: int, args, device: str, seed: int = 0):
+    """Inputs of one benchmark case: `min(T, 32)` sequences, adapters uniform over `args.adapters`."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    num_slots = args.adapters + 1
+    sequences = min(T, 32)
+    seq_slots = torch.randint(1, num_slots, (sequences,), generator=gen)
+    slot_index = seq_slots.repeat_interleave(-(-T // sequences))[:T]
+    sigma_shape = (num_slots, r, r) if args.sigma_type == "full" else (num_slots, r)
+    case = {
+        "y": torch.randn(T, out_f, generator=gen).to(dtype),
+        "x": torch.randn(T, in_f, generator=gen).to(dtype),
+        "U": (torch.randn(clusters, out_f, r, generator=gen) / r**0.5).to(dtype),
+        "V": (torch.randn(clusters, in_f, r, generator=gen) / in_f**0.5).to(dtype),
+        "sigma_stack": torch.randn(sigma_shape, generator=gen) * 0.1,
+        "slot_index": slot_index,
+        "slot_cluster": torch.randint(0, clusters, (num_slots,), generator=gen),
+        "scaling": torch.ones(num_slots),
+    }
+    case["sigma_stack"][0] = 0
+    case = {k: v.to(device) for k, v in case.items()}
+    lora = {"A": (torch.randn(r, in_f, generator=gen) / in_f**0.5).to(dtype).to(device),
+            "B": torch.randn(out_f, r, generator=gen).to(dtype).to(device)}
+    return case, lora
+
+
+def min_bytes(case) -> int:
+    """Bytes any implementation must move: x once, y read and written, the bases of the clusters present, the Σ of
+    the slots present."""
+    T, out_f = case["y"].shape
+    slots = case["slot_index"].unique()
+    present = case["slot_cluster"][slots].unique().numel()
+    U, V, sigma = case["U"], case["V"], case["sigma_stack"]
+    per_cluster = (U[0].numel() + V[0].numel()) * U.element_size()
+    return (case["x"].numel() * case["x"].element_size() + 2 * case["y"].numel() * case["y"].element_size()
+            + present * per_cluster + slots.numel() * sigma[0].numel() * sigma.element_size())
+
+
+def timer(torch, device: str) -> tuple[Callable, Callable]:
+    """(eager, graph) timing functions returning median ms; on CPU a plain wall-clock median."""
+    if device == "cuda":
+        import triton.testing
+
+        def eager(fn):
+            return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+        def graph(fn):
+            with torch.cuda.stream(torch.cuda.Stream()):
+                return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+
+        return eager, graph
+
+    def cpu_eager(fn, repeats: int = 5):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e3 * sorted(times)[len(times) // 2]
+
+    return cpu_eager, None
+
+
+def bench_case(torch, kernels, key: tuple, args, device: str, eager, graph) -> dict[str, Any]:
+    T, out_f, r, clusters = key
+    case, lora = make_case(torch, T, args.in_features, out_f, r, clusters, args, device)
+    rec: dict[str, Any] = {"T": T, "in": args.in_features, "out": out_f, "r": r, "clusters": clusters,
+                           "adapters": args.adapters, "dtype": args.dtype, "sigma": args.sigma_type}
+    y, x = case["y"], case["x"]
+    rest = [case[k] for k in ("U", "V", "sigma_stack", "slot_index", "slot_cluster", "scaling")]
+
+    def single_lora():
+        y.addmm_(x @ lora["A"].T, lora["B"].T)
+
+    def torch_path():
+        kernels.jd_lora_apply_torch(y, x, *rest)
+
+    measure(rec, "single_lora_ms", eager, single_lora)
+    measure(rec, "single_lora_graph_ms", graph, single_lora)
+    measure(rec, "torch_ms", eager, torch_path)
+    if clusters == 1:  # the sorted multi-cluster torch path reads cluster counts on the host: not capturable
+        measure(rec, "torch_graph_ms", graph, torch_path)
+    if device == "cuda":
+        from peft_jd.kernels.triton_ops import jd_lora_apply_triton
+
+        def triton_path():
+            jd_lora_apply_triton(y, x, *rest)
+
+        reference = y.clone()
+        kernels.jd_lora_apply_torch(reference, x, *rest)
+        result = y.clone()
+        jd_lora_apply_triton(result, x, *rest)
+        delta = (reference.float() - y.float()).norm().item()
+        rec["triton_rel_err_vs_torch"] = (result.float() - reference.float()).norm().item() / max(delta, 1e-30)
+        measure(rec, "triton_ms", eager, triton_path)
+        measure(rec, "triton_graph_ms", graph, triton_path)
+        rec["min_bytes"] = min_bytes(case)
+        if rec.get("triton_graph_ms"):
+            rec["triton_graph_GBps"] = round(rec["min_bytes"] / rec["triton_graph_ms"] / 1e6, 1)
+        for name in ("triton_ms", "triton_graph_ms"):
+            base = rec.get("single_lora_graph_ms" if "graph" in name else "single_lora_ms")
+            if rec.get(name) and base:
+                rec[f"{name[:-3]}_x_single"] = round(rec[name] / base, 3)
+    if rec.get("torch_ms") and rec.get("single_lora_ms"):
+        rec["torch_x_single"] = round(rec["torch_ms"] / rec["single_lora_ms"], 3)
+    return rec
+
+
+def measure(rec: dict, name: str, timing: Optional[Callable], fn: Callable) -> None:
+    if timing is None:
+        return
+    try:
+        rec[name] = round(float(timing(fn)), 5)
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        rec[name] = None
+        rec.setdefault("errors", []).append(f"{name}: {type(exc).__name__}: {exc}"[:300])
+
+
+def _compile_worker(keys: list[tuple], argv: list[str]) -> int:
+    """Runs each case's Triton call once, so that its kernels land in the on-disk Triton cache."""
+    import torch
+
+    args = parse_args(argv)
+    kernels, _ = import_kernels()
+    from peft_jd.kernels.triton_ops import jd_lora_apply_triton
+
+    for T, out_f, r, clusters in keys:
+        case, _ = make_case(torch, T, args.in_features, out_f, r, clusters, args, "cuda")
+        jd_lora_apply_triton(**case)
+    torch.cuda.synchronize()
+    return len(keys)
+
+
+def precompile(keys: list[tuple], args, argv: list[str]) -> dict[str, Any]:
+    """Compiles the kernels of all cases in parallel processes (compilation dominates a cold run)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(args.compile_workers, len(keys))
+    start = time.perf_counter()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = sum(pool.map(_compile_worker, [keys[i::workers] for i in range(workers)], [argv] * workers))
+        return {"workers": workers, "cases": done, "seconds": round(time.perf_counter() - start, 1)}
+    except Exception as exc:  # noqa: BLE001 - fall back to compiling inline
+        return {"workers": workers, "error": f"{type(exc).__name__}: {exc}"[:300],
+                "seconds": round(time.perf_counter() - start, 1)}
+
+
+def run_benchmark(torch, kernels, args, device: str, argv: list[str], deadline: float,
+                  on_result: Callable[[dict], None]) -> dict[str, Any]:
+    """Benchmarks every case until `deadline` (perf_counter seconds); `on_result` receives each record."""
+    keys = [(T, out_f, r, c) for r in args.ranks for c in args.clusters for out_f in args.out_features
+            for T in args.tokens]
+    info: dict[str, Any] = {"cases_planned": len(keys)}
+    if device == "cuda" and args.compile_workers > 0:
+        info["precompile"] = precompile(keys, args, argv)
+    eager, graph = timer(torch, device)
+    for key in keys:
+        if time.perf_counter() > deadline:
+            info.setdefault("skipped_for_time", []).append(list(key))
+            continue
+        try:
+            rec = bench_case(torch, kernels, key, args, device, eager, graph)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: recorded, the run goes on
+            rec = {"case": list(key), "error": f"{type(exc).__name__}: {exc}"[:300]}
+        on_result(rec)
+        print(json.dumps(rec), file=sys.stderr, flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+def environment(torch, device: str) -> dict[str, Any]:
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
+                           "cuda_available": torch.cuda.is_available()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError as exc:
+        env["triton"] = f"not importable: {exc}"
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, multiprocessors=props.multi_processor_count,
+                   memory_gib=round(props.total_memory / 2**30, 1))
+    return env
+
+
+def print_table(results: list[dict]) -> None:
+    cols = ["T", "out", "r", "clusters", "single_lora_ms", "single_lora_graph_ms", "torch_ms", "triton_ms",
+            "triton_graph_ms", "triton_graph_x_single", "triton_graph_GBps", "triton_rel_err_vs_torch"]
+    print(" ".join(f"{c[:14]:>14}" for c in cols), file=sys.stderr)
+    for rec in results:
+        cells = []
+        for c in cols:
+            value = rec.get(c)
+            cells.append(f"{value:14.4g}" if isinstance(value, float) else f"{str(value):>14}")
+        print(" ".join(cells), file=sys.stderr)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if device == "cpu":
+        torch.set_num_threads(1)  # a smoke test of the script: stable single-thread timings
+    start = time.perf_counter()
+    deadline = start + args.time_budget - 5
+    report: dict[str, Any] = {"benchmark": "gpu_check", "argv": argv, "environment": environment(torch, device),
+                              "results": []}
+
+    def save() -> None:
+        # Rewritten after every step, so that a run cut short still leaves its figures behind.
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+    kernels, how = import_kernels()
+    report["kernels_import"] = how
+    if device == "cuda" and not args.skip_tests:
+        report["tests"] = run_tests(min(args.tests_timeout, 0.5 * args.time_budget))
+    elif not args.skip_tests:
+        report["tests"] = {"skipped": "no CUDA device: CI runs the same tests under TRITON_INTERPRET=1"}
+    save()
+
+    def on_result(rec: dict) -> None:
+        report["results"].append(rec)
+        save()
+
+    report["benchmark_info"] = run_benchmark(torch, kernels, args, device, argv, deadline, on_result)
+    save()
+    print(json.dumps(report, indent=1))
+    print_table(report["results"])
+    failed = report.get("tests", {}).get("returncode") not in (None, 0)
+    return 1 if failed or report.get("tests", {}).get("timed_out") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
