@@ -18,10 +18,9 @@ its functions; TGI's own behaviour is kept for everything that is not a JD adapt
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 from typing import Any, Optional
-
-from loguru import logger as _loguru
 
 from ._core import import_core
 from .forward import apply_jd
@@ -32,8 +31,13 @@ from .unknown import CheckedAdapterIndex
 from .weights import COLUMN, ROW, TargetLayer
 
 
-# TGI's shard logger only forwards records of `text_generation_server.*` modules to the launcher.
-logger = _loguru.patch(lambda record: record.update(name="text_generation_server.peft_jd"))
+try:
+    from loguru import logger as _loguru
+
+    # TGI's shard logger only forwards records of `text_generation_server.*` modules to the launcher.
+    logger = _loguru.patch(lambda record: record.update(name="text_generation_server.peft_jd"))
+except ImportError:  # outside TGI's environment (unit tests of the patch functions)
+    logger = logging.getLogger(__name__)
 _IS_MASTER = os.environ.get("RANK", "0") == "0"
 
 # Layer type → JD batch, set while FlashCausalLM captures a decode CUDA graph (the capture passes no adapter data).
