@@ -14,6 +14,7 @@ from typing import Optional, Union
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils.sha import git_hash
 
 from peft_jd.format import BASES_CONFIG_NAME, BASES_WEIGHTS_NAME
 
@@ -40,7 +41,8 @@ class Upload:
     def git_blob_sha1(self) -> str:
         """The git object id of the content: what the Hub reports as `oid` for a non-LFS file."""
         if isinstance(self.source, bytes):
-            return hashlib.sha1(b"blob %d\0" % len(self.source) + self.source).hexdigest()
+            return git_hash(self.source)
+        # Streamed (same digest as `git_hash`): a bases file does not have to fit in memory.
         digest = hashlib.sha1(b"blob %d\0" % os.path.getsize(self.source))
         with open(self.source, "rb") as f:
             while chunk := f.read(1 << 22):
