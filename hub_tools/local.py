@@ -143,9 +143,10 @@ def read_collection(root: str | os.PathLike, names: Optional[Sequence[str]] = No
         raise CollectionError(f"collection folder {root} does not exist.")
     bases = _read_bases(root)
     adapters_dir = root / "adapters"
-    # Hidden entries are in-flight or abandoned atomic writes (`.tmp-*`, `.trash-*`), never adapters.
-    found = sorted(p for p in adapters_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-        if adapters_dir.is_dir() else []
+    found = []
+    if adapters_dir.is_dir():
+        # Hidden entries are in-flight or abandoned atomic writes (`.tmp-*`, `.trash-*`), never adapters.
+        found = sorted(p for p in adapters_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if names is not None:
         available = {p.name: p for p in found}
         unknown = [n for n in names if n not in available]
