@@ -246,7 +246,8 @@ class HubStore:
         commit = Commit(oid, (), message, "", now_iso(), user.name, files)
         repo.commits[oid] = commit
         repo.branches[branch] = oid
-        reachable = {c.oid for b in repo.branches.values() for c in repo.history(b)} | set(repo.tags.values())
+        refs = [*repo.branches.values(), *repo.tags.values()]
+        reachable = {c.oid for ref in refs for c in repo.history(ref)}
         for stale in set(repo.commits) - reachable:
             del repo.commits[stale]
         return commit
