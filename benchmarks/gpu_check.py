@@ -87,14 +87,22 @@ def install_package_stub() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------ tests
-def run_tests(timeout: float) -> dict[str, Any]:
-    """Runs the Triton test file in a pytest subprocess (8 xdist workers when available: compiling the kernel variants
-    dominates); returns its outcome and the tail of its log."""
+def run_tests(timeout: float, test_args: tuple[str, ...] = (TEST_FILE,), workers: Optional[int] = None) -> dict:
+    """Runs the Triton test file in a pytest subprocess and returns its outcome and the tail of its log.
+
+    Args:
+        timeout: Seconds before the run is stopped.
+        test_args: Test files and pytest options.
+        workers: pytest-xdist workers; by default 8 when xdist is installed (compiling the kernel variants dominates
+            a cold run), 0 for none.
+    """
     import importlib.util
 
-    command = [sys.executable, "-m", "pytest", TEST_FILE, "-q", "-x", "-p", "no:cacheprovider", "-p", "gpu_check"]
-    if importlib.util.find_spec("xdist") is not None:
-        command += ["-n", str(min(8, os.cpu_count() or 1))]
+    command = [sys.executable, "-m", "pytest", *test_args, "-q", "-x", "-p", "no:cacheprovider", "-p", "gpu_check"]
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if importlib.util.find_spec("xdist") is not None else 0
+    if workers > 0:
+        command += ["-n", str(workers)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "benchmarks"), env.get("PYTHONPATH")]))
     start = time.perf_counter()
