@@ -80,14 +80,15 @@ def tgi():
         yield modules
 
 
-def _write_collection(root, model):
-    """Two JD adapters over all seven linear modules, 2 clusters, per-module clusters for `jd-1`."""
+def _write_collection(root, model, modules=tuple(JD_MODULES)):
+    """Two JD adapters over `modules` (default: all seven linear modules), 2 clusters, per-module clusters for
+    `jd-1`."""
     from peft_jd.format import BasesConfig, write_bases, write_sigma_adapter
     from peft_jd.tuner.config import JDLoraConfig
 
     gen = torch.Generator().manual_seed(0)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in
-               JD_MODULES}
+               modules}
     bases, sigmas, clusters = {}, {"jd-0": {}, "jd-1": {}}, {"jd-0": 0, "jd-1": {}}
     for index, (key, lin) in enumerate(linears.items()):
         bases[key] = (torch.linalg.qr(torch.randn(2, lin.out_features, R, generator=gen))[0].contiguous(),
@@ -97,10 +98,10 @@ def _write_collection(root, model):
         clusters["jd-1"][key] = index % 2
     config = write_bases(root / "bases", bases, BasesConfig(r=R, sigma_type="full", num_clusters=2,
                                                             base_model_name_or_path="tiny-llama",
-                                                            target_modules=JD_MODULES, modules={}))
+                                                            target_modules=list(modules), modules={}))
     for name in sigmas:
         write_sigma_adapter(root / name, sigmas[name], JDLoraConfig(
-            r=R, target_modules=JD_MODULES, bases="../bases", bases_fingerprint=config.fingerprint,
+            r=R, target_modules=list(modules), bases="../bases", bases_fingerprint=config.fingerprint,
             cluster=clusters[name], base_model_name_or_path="tiny-llama", task_type="CAUSAL_LM"))
     deltas = {}
     for name in sigmas:
@@ -278,6 +279,22 @@ def test_tgi_layers_reject_jd_modules_they_cannot_serve(tgi, adapters, tmp_path)
         _load(tgi, root, holder)
 
 
+def test_jd_modules_outside_tgi_adapter_layers_fail_loading(tgi, adapters, tmp_path):
+    """TGI maps `lm_head` but never prepares adapters for it: a JD adapter adapting it must not load partially."""
+    from utils import tiny_llama
+
+    from peft_jd.errors import AdapterFormatError
+
+    _, _, weights = adapters
+    model = tiny_llama()
+    _write_collection(tmp_path, model, modules=("q_proj", "lm_head"))
+    holder = _tgi_model(tgi, weights, tgi.dist.FakeGroup(0, 1))
+    holder.model.lm_head = SimpleNamespace()
+    (tmp_path / "plain").symlink_to(adapters[0] / "plain")
+    with pytest.raises(AdapterFormatError, match=r"\['jd-0', 'jd-1'\] adapt modules TGI does not apply.*lm_head"):
+        _load(tgi, tmp_path, holder)
+
+
 # --------------------------------------------------------------------------------------------- tensor parallel
 def _free_port() -> int:
     with socket.socket() as s:
@@ -339,3 +356,28 @@ def test_tensor_parallel_two_shards_with_gloo(tgi, adapters):
         pieces = [shard.split(sizes, dim=1) for shard in shards]
         full = torch.cat([torch.cat([pieces[0][i], pieces[1][i]], dim=1) for i in range(len(modules))], dim=1)
         torch.testing.assert_close(full, expected, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_shard_process_is_patched_through_sitecustomize(tgi):
+    """A process started like a shard (environment from the launcher) has TGI's server module bound to the patches."""
+    import subprocess
+    import sys
+
+    from tgi_patch.launcher import BOOT_DIR
+
+    code = (
+        "import text_generation_server.server as server\n"
+        "from text_generation_server.adapters.weights import AdapterBatchData\n"
+        "from text_generation_server.adapters.lora import LoraWeights\n"
+        "from text_generation_server.layers.lora import LoraLinear\n"
+        "import text_generation_server.utils.adapter as utils_adapter\n"
+        "functions = [server.get_model_with_lora_adapters, server.set_adapter_to_index, AdapterBatchData.from_meta,\n"
+        "             LoraWeights.prepare_weights.__func__, LoraLinear.forward_layer_type,\n"
+        "             utils_adapter.load_module_map]\n"
+        "print([getattr(f, '__peft_jd_patched__', False) for f in functions])\n"
+    )
+    env = dict(os.environ, PEFT_JD_TGI="1")
+    env["PYTHONPATH"] = os.pathsep.join([BOOT_DIR, *sys.path])
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == str([True] * 6)

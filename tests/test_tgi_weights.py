@@ -209,3 +209,20 @@ def test_errors_name_module_and_cause(tmp_path):
     batch = JDBatchWeights(state.layer_types["q_proj"], torch.full((4,), handles["task-0"].slot))
     with pytest.raises(ShapeMismatchError, match="maps 32 → 64 features"):
         apply_jd(batch, 0, torch.randn(4, 32), torch.zeros(4, 64))
+
+
+def test_adapters_served_partially_are_reported(tmp_path):
+    from peft_jd.errors import AdapterFormatError
+
+    model, collection, bases = _collection(tmp_path)
+    state = JDServingState()
+    spec = JDAdapterSpec.from_directory("task-0", str(tmp_path / "adapters" / "task-0"))
+    sigmas = load_sigmas(spec, bases.config, "bases")
+    state.expect("task-0", set(sigmas))
+    state.use_bases(bases, "task-0")
+    for layer_type in ("q_proj", "k_proj"):
+        state.prepare("task-0", sigmas, spec.cluster_of, layer_type, _targets(model, layer_type), 1, 0, torch.float32)
+    with pytest.raises(AdapterFormatError, match=r"\['task-0'\].*self_attn.v_proj"):
+        state.check_served()
+    state.prepare("task-0", sigmas, spec.cluster_of, "v_proj", _targets(model, "v_proj"), 1, 0, torch.float32)
+    state.check_served()

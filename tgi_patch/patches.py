@@ -72,8 +72,10 @@ def patch_utils_adapter(module) -> None:
     @_mark
     def load_module_map(model_id, revision, adapter_id, adapter_path, weight_names, trust_remote_code=False):
         if is_jd_adapter(adapter_id, adapter_path, revision):
-            return load_jd_module_map(adapter_id, adapter_path, revision, weight_names, model_id,
-                                      settings().bases_override)
+            loaded = load_jd_module_map(adapter_id, adapter_path, revision, weight_names, model_id,
+                                        settings().bases_override)
+            get_state().expect(adapter_id, set(loaded[1].sigmas))
+            return loaded
         return original(model_id, revision, adapter_id, adapter_path, weight_names, trust_remote_code)
 
     module.load_module_map = load_module_map
@@ -171,6 +173,7 @@ def patch_models(module) -> None:
                 f"JD-LoRA adapters {missing} were not loaded as JD adapters; check the shard log above for the cause."
             )
         if served:
+            state.check_served()
             state.finish_loading()
             if _IS_MASTER:
                 logger.info(

@@ -66,6 +66,7 @@ class JDServingState:
         self.bases_label: Optional[str] = None
         self.bases_identity: Optional[str] = None
         self.slot_of: dict[str, int] = {}
+        self.unserved: dict[str, set[str]] = {}
         self.layer_types: dict[str, JDLayerTypeWeights] = {}
         self.slot_of_index: dict[int, int] = {}
         self._table: Optional[torch.Tensor] = None
@@ -82,6 +83,21 @@ class JDServingState:
             raise import_core("errors").BasesMismatchError(
                 f"adapter {adapter_id!r} uses bases {bases.key.describe()}, but this server already serves bases "
                 f"{self.bases_label}. One TGI server serves one JD collection; start another server for it."
+            )
+
+    def expect(self, adapter_id: str, module_keys: set[str]) -> None:
+        """Records the modules an adapter adapts; `prepare` ticks them off, `check_served` reports the rest."""
+        self.unserved[adapter_id] = set(module_keys)
+
+    def check_served(self) -> None:
+        """Raises if a loaded JD adapter has Σ for modules that TGI never prepared (it would be served partially)."""
+        partial = {name: sorted(keys) for name, keys in self.unserved.items() if keys}
+        if partial:
+            name, keys = next(iter(partial.items()))
+            raise import_core("errors").AdapterFormatError(
+                f"JD adapter(s) {sorted(partial)} adapt modules TGI does not apply adapters to (e.g. {name!r}: "
+                f"{keys[:4]}); serving them would silently drop part of each adapter. Compress the collection for "
+                "TGI's adapter layers (q/k/v/o_proj, gate/up/down_proj)."
             )
 
     def slot(self, adapter_id: str) -> int:
@@ -121,6 +137,7 @@ class JDServingState:
                 clusters[layer_id] = cluster_of(target.module_key)
         slot = self.slot(adapter_id)
         layer.add_adapter(slot, sigma, clusters)
+        self.unserved.get(adapter_id, set()).difference_update(t.module_key for t in targets)
         return JDAdapterWeights(self, layer, slot)
 
     def finish_loading(self) -> None:
