@@ -88,7 +88,13 @@ def _looks_like_local_path(location: str) -> bool:
 
 def _download_bases(key: BasesKey, **hub_kwargs) -> str:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         paths = [
@@ -105,9 +111,18 @@ def _download_bases(key: BasesKey, **hub_kwargs) -> str:
             f"bases repo {key.location!r} not found (or not accessible with your token). Check the `bases` field of "
             "the adapter config, log in with `hf auth login`, or pull the collection locally."
         ) from exc
+    except LocalEntryNotFoundError as exc:
+        raise BasesNotFoundError(
+            f"bases {key.describe()} are not in the local cache and the Hub cannot be reached (offline mode or a "
+            "network error). Download them once online (`peft-jd pull <adapter>`), or unset HF_HUB_OFFLINE."
+        ) from exc
     except EntryNotFoundError as exc:
         raise BasesNotFoundError(
             f"{key.describe()} has no {BASES_CONFIG_NAME}/{BASES_WEIGHTS_NAME}; it is not a JD bases folder."
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise BasesNotFoundError(
+            f"downloading bases {key.describe()} failed ({exc}). Nothing was loaded; retry when the Hub answers."
         ) from exc
     return os.path.dirname(paths[0])
 
