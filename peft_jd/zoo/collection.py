@@ -147,28 +147,41 @@ def _jd_deltas(collection_dir: Path, name: str, bases: dict[str, torch.Tensor]):
         yield module_key, scaling * U @ sigma @ V.T
 
 
+def _mean_squared_relative_error(loras: Mapping[str, Path], approximations) -> dict[str, float]:
+    errors = {}
+    for name, lora_dir in loras.items():
+        per_module, seen = [], set()
+        factors = lora_factors(lora_dir)
+        for module_key, approx in approximations(name):
+            lora_b, lora_a, scaling = factors[module_key]
+            exact = scaling * lora_b.double() @ lora_a.double()
+            per_module.append(float(((exact - approx).norm() / exact.norm().clamp_min(1e-30)) ** 2))
+            seen.add(module_key)
+        # A module missing from the approximation is reconstructed as zero: relative error 1.
+        per_module.extend(1.0 for key in factors if key not in seen)
+        errors[name] = sum(per_module) / len(per_module)
+    return errors
+
+
 def reconstruction_errors(loras: Mapping[str, Path], collection_dir: Path) -> dict[str, float]:
-    """Per adapter, the mean over modules of `(‖ΔW − ΔŴ‖_F / ‖ΔW‖_F)²` (the paper's measure).
+    """Per adapter, the mean over modules of `(‖ΔW − ΔŴ‖_F / ‖ΔW‖_F)²` (the paper's measure) for a JD collection.
 
     Args:
         loras: Name → original PEFT LoRA directory.
         collection_dir: Compressed collection with `bases/` and `adapters/<name>/`.
     """
     bases = load_file(str(Path(collection_dir) / "bases" / BASES_WEIGHTS_NAME))
-    errors = {}
-    for name, lora_dir in loras.items():
-        factors = lora_factors(lora_dir)
-        per_module = []
-        seen = set()
-        for module_key, approx in _jd_deltas(collection_dir, name, bases):
-            lora_b, lora_a, scaling = factors[module_key]
-            exact = scaling * lora_b.double() @ lora_a.double()
-            per_module.append(float(((exact - approx).norm() / exact.norm().clamp_min(1e-30)) ** 2))
-            seen.add(module_key)
-        # A module the compression dropped is reconstructed as zero: relative error 1.
-        per_module.extend(1.0 for key in factors if key not in seen)
-        errors[name] = sum(per_module) / len(per_module)
-    return errors
+    return _mean_squared_relative_error(loras, lambda name: _jd_deltas(collection_dir, name, bases))
+
+
+def lora_reconstruction_errors(loras: Mapping[str, Path], approximations: Mapping[str, Path]) -> dict[str, float]:
+    """Like `reconstruction_errors`, for approximations stored as PEFT LoRAs (e.g. `truncate_lora` outputs)."""
+
+    def deltas(name: str):
+        for module_key, (lora_b, lora_a, scaling) in lora_factors(approximations[name]).items():
+            yield module_key, scaling * lora_b.double() @ lora_a.double()
+
+    return _mean_squared_relative_error(loras, deltas)
 
 
 def lora_parameters(adapter_dir: Path) -> int:

@@ -1,0 +1,299 @@
+"""Quality of jointly compressed LoRAs on SmolLM2-135M-Instruct: base vs LoRA vs per-adapter SVD vs JD-Full/JD-Diag.
+
+Trains (or loads from the cache) one rank-16 LoRA per zoo task, then evaluates every configuration on the test
+splits through the mixed-batch path (each generation batch mixes many adapters): exact match, Rouge-L, agreement
+with the LoRAs' own predictions, reconstruction error and parameters per adapter (bases amortized over the
+collection). Writes JSON, a markdown table and a plot, and prints the JSON on stdout.
+
+    python benchmarks/fidelity.py                  # full run: 40 tasks (≈ 2 h cold, ≈ 1 h with cached LoRAs)
+    python benchmarks/fidelity.py --quick          # 8 demo tasks, 2 ranks (≈ 10 min with cached demo LoRAs)
+    python benchmarks/fidelity.py --smoke          # tiny random model, seconds: checks the code path only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from fidelity_report import update_results, write_markdown, write_plot
+
+from peft_jd.zoo.collection import (
+    compress_collection,
+    jd_parameters,
+    load_jd_collection,
+    load_lora_collection,
+    lora_parameters,
+    lora_reconstruction_errors,
+    reconstruction_errors,
+    release,
+    truncate_lora,
+)
+from peft_jd.zoo.evaluate import BASE_ADAPTER, build_requests, evaluate
+from peft_jd.zoo.model import load_smollm2, load_tiny_model
+from peft_jd.zoo.tasks import DEMO_TASKS, make_splits, select_tasks
+from peft_jd.zoo.train import TrainSettings, train_zoo
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One compressed configuration: method, rank, clusters, and how many adapters (first n tasks) share it."""
+
+    method: str
+    rank: int
+    clusters: int
+    n: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-r{self.rank}-c{self.clusters}-n{self.n}"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-tasks", type=int, default=40, help="first N zoo tasks (round-robin over categories)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="explicit task names (overrides --num-tasks)")
+    parser.add_argument("--methods", nargs="+", default=["jd-full", "jd-diag"])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 24, 32, 64])
+    parser.add_argument("--clusters", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--svd-ranks", type=int, nargs="+", default=[4, 8], help="per-adapter SVD baseline ranks")
+    parser.add_argument(
+        "--subset-sizes",
+        type=int,
+        nargs="+",
+        default=[10, 20],
+        help="also compress only the first n adapters (JD-Full, 1 cluster) to see the effect of n",
+    )
+    parser.add_argument("--subset-ranks", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--test-per-task", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-steps", type=int, default=None, help="override the LoRA training step cap")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="LoRA cache (default ~/.cache/peft-jd/zoo)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="compressed collections (default: temporary)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="JSON/markdown/plot (default docs/)")
+    parser.add_argument(
+        "--results-md",
+        type=Path,
+        default=None,
+        help="markdown file whose fidelity section is replaced (default docs/results.md)",
+    )
+    parser.add_argument("--quick", action="store_true", help="8 demo tasks, ranks 8/16, clusters 1/2, 20 tests/task")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model: code path check in seconds")
+    args = parser.parse_args(argv)
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    if args.quick or args.smoke:
+        # Smaller defaults; options given explicitly on the command line are kept.
+        small = {
+            "tasks": list(DEMO_TASKS[: 3 if args.smoke else 8]),
+            "ranks": [4, 8] if args.smoke else [8, 16],
+            "clusters": [1, 2],
+            "svd_ranks": [4],
+            "subset_sizes": [2],
+            "subset_ranks": [4 if args.smoke else 8],
+            "test_per_task": 4 if args.smoke else 20,
+        }
+        for key, value in small.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+        args.out_dir = args.out_dir or Path(tempfile.gettempdir()) / "peft-jd-fidelity"
+    else:
+        args.out_dir = args.out_dir or docs
+        args.results_md = args.results_md or docs / "results.md"
+    return args
+
+
+def settings_grid(args: argparse.Namespace, n_total: int) -> list[Setting]:
+    grid = [Setting(m, k, c, n_total) for m in args.methods for k in args.ranks for c in args.clusters]
+    grid += [Setting("jd-full", k, 1, n) for n in args.subset_sizes if n < n_total for k in args.subset_ranks]
+    return grid
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _row(
+    method: str,
+    rank: int,
+    clusters: int,
+    n: int,
+    params: float,
+    ratio: float | None,
+    err2: float | None,
+    summary: dict,
+    **extra,
+) -> dict:
+    """One result row: configuration, memory per adapter (bases amortized), reconstruction error and quality."""
+    return {
+        "method": method,
+        "rank": rank,
+        "clusters": clusters,
+        "n": n,
+        "params_per_adapter": params,
+        "memory_ratio": ratio,
+        "err2": err2,
+        **extra,
+        **summary,
+    }
+
+
+def _summary(result, lora, names: list[str]) -> dict:
+    em = sum(result.per_task[n]["exact_match"] for n in names) / len(names)
+    rouge = sum(result.per_task[n]["rouge_l"] for n in names) / len(names)
+    lora_em = sum(lora.per_task[n]["exact_match"] for n in names) / len(names)
+    lora_rouge = sum(lora.per_task[n]["rouge_l"] for n in names) / len(names)
+    return {
+        "exact_match": em,
+        "rouge_l": rouge,
+        # Retention is undefined (None) when the LoRAs themselves score 0.
+        "em_retention": em / lora_em if lora_em else None,
+        "rouge_retention": rouge / lora_rouge if lora_rouge else None,
+        "agreement": result.agreement(lora),
+        "per_task_em": {n: result.per_task[n]["exact_match"] for n in names},
+        "eval_s": result.seconds,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    zoo = load_tiny_model() if args.smoke else load_smollm2()
+    log(f"model {zoo.model_id} loaded in {time.perf_counter() - start:.1f}s")
+    tasks = select_tasks(args.tasks, None if args.tasks else args.num_tasks)
+    settings = TrainSettings()
+    if args.smoke:
+        settings = TrainSettings(
+            r=4, lora_alpha=8, batch_size=4, max_steps=4, eval_every=2, num_examples=40, val_examples=4
+        )
+    if args.max_steps:
+        settings = replace(settings, max_steps=args.max_steps)
+    trained = train_zoo(zoo, tasks, settings, args.cache_dir)
+    loras = {name: result.path for name, result in trained.items()}
+    names = list(loras)
+    splits = {name: make_splits(name, settings.seed, settings.num_examples) for name in names}
+    requests = build_requests(splits, per_task=args.test_per_task)
+    lora_params = sum(lora_parameters(p) for p in loras.values()) / len(loras)
+    rows: list[dict] = []
+
+    model = load_lora_collection(zoo, loras)
+    base = evaluate(model, zoo.tokenizer, requests, BASE_ADAPTER, args.batch_size, desc="base")
+    lora = evaluate(model, zoo.tokenizer, requests, None, args.batch_size, desc="LoRA (mixed)")
+    release(zoo, model)
+    rows.append(_row("base", 0, 0, len(names), 0, None, 1.0, _summary(base, lora, names)))
+    rows.append(_row("lora", settings.r, 0, len(names), lora_params, 1.0, 0.0, _summary(lora, lora, names)))
+    log(f"base EM {base.mean():.3f}, LoRA EM {lora.mean():.3f} over {len(names)} tasks")
+
+    with tempfile.TemporaryDirectory(prefix="peft-jd-fidelity-") as scratch:
+        work = Path(args.work_dir or scratch)
+        for rank in args.svd_ranks:
+            svd = {n: truncate_lora(p, work / f"svd-r{rank}" / n, rank) for n, p in loras.items()}
+            model = load_lora_collection(zoo, svd)
+            result = evaluate(model, zoo.tokenizer, requests, None, args.batch_size, desc=f"SVD r{rank}")
+            release(zoo, model)
+            params = sum(lora_parameters(p) for p in svd.values()) / len(svd)
+            errors = lora_reconstruction_errors(loras, svd)
+            err2 = sum(errors.values()) / len(errors)
+            rows.append(
+                _row("svd", rank, 0, len(names), params, lora_params / params, err2, _summary(result, lora, names))
+            )
+            log(f"svd r{rank}: EM {rows[-1]['exact_match']:.3f} ({_pct(rows[-1]['em_retention'])} of LoRA)")
+        for setting in settings_grid(args, len(names)):
+            rows.append(_run_setting(zoo, setting, loras, requests, lora, work, args.batch_size, lora_params))
+            r = rows[-1]
+            log(
+                f"{setting.label}: EM {r['exact_match']:.3f} ({_pct(r['em_retention'])} of LoRA), "
+                f"err² {r['err2']:.3f}, {r['memory_ratio']:.1f}× smaller, agreement {r['agreement']:.1%}"
+            )
+
+    return {
+        "model": zoo.model_id,
+        "tasks": names,
+        "test_per_task": args.test_per_task,
+        "train_settings": asdict(settings),
+        "training": {
+            n: {"steps": r.steps, "train_seconds": r.train_seconds, "val_accuracy": r.val_accuracy, "cached": r.cached}
+            for n, r in trained.items()
+        },
+        "lora_params_per_adapter": lora_params,
+        "per_task": {
+            n: {
+                "base_em": base.per_task[n]["exact_match"],
+                "lora_em": lora.per_task[n]["exact_match"],
+                "lora_rouge_l": lora.per_task[n]["rouge_l"],
+            }
+            for n in names
+        },
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+        "total_s": time.perf_counter() - start,
+    }
+
+
+def _run_setting(
+    zoo, setting: Setting, loras: dict, requests, lora, work: Path, batch_size: int, lora_params: float
+) -> dict:
+    names = list(loras)[: setting.n]
+    subset = {n: loras[n] for n in names}
+    out_dir = work / setting.label
+    start = time.perf_counter()
+    compress_collection(subset, out_dir, setting.method, setting.rank, setting.clusters)
+    compress_s = time.perf_counter() - start
+    own = [r for r in requests if r.task in subset]
+    model = load_jd_collection(zoo, out_dir, names)
+    result = evaluate(model, zoo.tokenizer, own, None, batch_size, desc=setting.label)
+    release(zoo, model)
+    lora_subset = _restrict(lora, requests, own)
+    errors = reconstruction_errors(subset, out_dir)
+    params = jd_parameters(out_dir, names)
+    return _row(
+        setting.method,
+        setting.rank,
+        setting.clusters,
+        setting.n,
+        params["amortized"],
+        lora_params / params["amortized"],
+        sum(errors.values()) / len(errors),
+        _summary(result, lora_subset, names),
+        sigma_params=params["sigma"],
+        bases_params=params["bases"],
+        compress_s=compress_s,
+    )
+
+
+def _restrict(result, requests, subset_requests):
+    """The LoRA result restricted to the requests of a subset of tasks (same order as `subset_requests`)."""
+    from peft_jd.zoo.evaluate import EvalResult, score
+
+    keep = {id(r) for r in subset_requests}
+    predictions = [p for r, p in zip(requests, result.predictions) if id(r) in keep]
+    return EvalResult(predictions, score(subset_requests, predictions), result.seconds, result.tokens)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "fidelity.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    table = write_markdown(report, args.out_dir / "fidelity.md")
+    plot = write_plot(report, args.out_dir / "fidelity.png")
+    if args.results_md:
+        update_results(
+            args.results_md, table, plot, command=" ".join(["python benchmarks/fidelity.py", *sys.argv[1:]])
+        )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Markdown table, headline and plot of `benchmarks/fidelity.py` results; updates the section of docs/results.md."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+BEGIN, END = "<!-- fidelity:begin -->", "<!-- fidelity:end -->"
+TARGET_RETENTION, TARGET_RATIO = 0.99, 10.0
+
+
+def _full_rows(report: dict) -> list[dict]:
+    """JD rows over the whole collection whose retention is defined."""
+    n = len(report["tasks"])
+    return [
+        r for r in report["rows"] if r["method"].startswith("jd") and r["n"] == n and r["em_retention"] is not None
+    ]
+
+
+def headline(report: dict) -> str:
+    """One sentence: the smallest JD setting that keeps ≥ 99% of the LoRAs' exact match, and its memory ratio."""
+    rows = _full_rows(report)
+    lora = next(r for r in report["rows"] if r["method"] == "lora")
+    base = next(r for r in report["rows"] if r["method"] == "base")
+    prefix = (
+        f"{len(report['tasks'])} LoRAs on {report['model']}: base EM {base['exact_match']:.1%}, LoRA EM "
+        f"{lora['exact_match']:.1%} (Rouge-L {base['rouge_l']:.1%} → {lora['rouge_l']:.1%})."
+    )
+    keeping = [r for r in rows if r["em_retention"] >= TARGET_RETENTION]
+    if not keeping:
+        best = max(rows, key=lambda r: r["em_retention"], default=None)
+        if best is None:
+            return prefix
+        return (
+            f"{prefix} No JD setting kept ≥ {TARGET_RETENTION:.0%} of the LoRAs' exact match; the best was "
+            f"{_name(best)} with {best['em_retention']:.1%} at {best['memory_ratio']:.1f}× less adapter memory."
+        )
+    best = max(keeping, key=lambda r: r["memory_ratio"])
+    verdict = "meets" if best["memory_ratio"] >= TARGET_RATIO else "misses"
+    return (
+        f"{prefix} {_name(best)} keeps {best['em_retention']:.1%} of the LoRAs' exact match "
+        f"({best['rouge_retention']:.1%} of Rouge-L, {best['agreement']:.1%} identical predictions, err² "
+        f"{best['err2']:.2f}) with {best['memory_ratio']:.1f}× less adapter memory (bases amortized): it {verdict} "
+        f"the target of ≥ {TARGET_RETENTION:.0%} at ≥ {TARGET_RATIO:.0f}×."
+    )
+
+
+def _name(row: dict) -> str:
+    method = {"jd-full": "JD-Full", "jd-diag": "JD-Diag", "svd": "per-adapter SVD"}.get(row["method"], row["method"])
+    clusters = f", {row['clusters']} cluster{'s' if row['clusters'] > 1 else ''}" if row["clusters"] else ""
+    return f"{method} rank {row['rank']}{clusters}"
+
+
+def _fmt(value, spec: str, missing: str = "–") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def falloff(report: dict) -> list[str]:
+    """Where quality falls off: per method and clusters, the smallest rank keeping ≥ 99%, and the trend with n."""
+    lines, rows = [], _full_rows(report)
+    for method, clusters in sorted({(r["method"], r["clusters"]) for r in rows}):
+        series = sorted(
+            (r for r in rows if (r["method"], r["clusters"]) == (method, clusters)), key=lambda r: r["rank"]
+        )
+        ok = [r for r in series if r["em_retention"] >= TARGET_RETENTION]
+        trend = ", ".join(f"r{r['rank']}: {r['em_retention']:.0%}" for r in series)
+        first = f"rank {ok[0]['rank']} ({ok[0]['memory_ratio']:.1f}×)" if ok else "no rank tried"
+        lines.append(
+            f"- {_name(series[0]).rsplit(' rank', 1)[0]}, {clusters} cluster(s): ≥ 99% from {first}; "
+            f"EM kept by rank: {trend}."
+        )
+    subsets = sorted(
+        (r for r in report["rows"] if r["method"] == "jd-full" and r["clusters"] == 1),
+        key=lambda r: (r["rank"], r["n"]),
+    )
+    for rank in sorted({r["rank"] for r in subsets if r["n"] != len(report["tasks"])}):
+        trend = ", ".join(
+            f"n={r['n']}: {_fmt(r['em_retention'], '.0%')} (err² {r['err2']:.2f})"
+            for r in subsets
+            if r["rank"] == rank
+        )
+        lines.append(f"- JD-Full rank {rank}, 1 cluster, by collection size: {trend}.")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        headline(report),
+        "",
+        "| method | rank | clusters | n | params / adapter | × smaller | err² | EM | EM kept "
+        "| Rouge-L | Rouge-L kept | same as LoRA |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['rank'] or '–'} | {r['clusters'] or '–'} | {r['n']} | "
+            f"{r['params_per_adapter'] / 1e3:,.0f}k | {_fmt(r['memory_ratio'], '.1f')} | {_fmt(r['err2'], '.3f')} | "
+            f"{r['exact_match']:.1%} | {_fmt(r['em_retention'], '.1%')} | {r['rouge_l']:.1%} | "
+            f"{_fmt(r['rouge_retention'], '.1%')} | "
+            f"{r['agreement']:.1%} |"
+        )
+    lines += ["", "Where quality falls off:", *falloff(report), ""]
+    training = report["training"].values()
+    seconds = sorted(t["train_seconds"] for t in training)
+    lines.append(
+        f"LoRA training per adapter: median {seconds[len(seconds) // 2]:.0f}s, max {seconds[-1]:.0f}s, "
+        f"median {sorted(t['steps'] for t in training)[len(seconds) // 2]} steps "
+        f"({report['threads']} threads; times of the run that trained them)."
+    )
+    lines += ["", "| task | base EM | LoRA EM | LoRA Rouge-L | steps | train s |", "|---|---:|---:|---:|---:|---:|"]
+    for name, t in report["per_task"].items():
+        info = report["training"][name]
+        lines.append(
+            f"| {name} | {t['base_em']:.0%} | {t['lora_em']:.0%} | {t['lora_rouge_l']:.0%} | {info['steps']} "
+            f"| {info['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(report: dict, path: Path) -> str:
+    text = markdown(report)
+    _atomic_write(path, text)
+    return text
+
+
+def write_plot(report: dict, path: Path) -> Path | None:
+    """Exact-match retention vs parameters per adapter, and vs reconstruction error. `None` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    lora_params = report["lora_params_per_adapter"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rows = _full_rows(report)
+    for method, clusters in sorted({(r["method"], r["clusters"]) for r in rows}):
+        series = sorted(
+            (r for r in rows if (r["method"], r["clusters"]) == (method, clusters)), key=lambda r: r["rank"]
+        )
+        xs, ys = [r["params_per_adapter"] for r in series], [100 * r["em_retention"] for r in series]
+        left.plot(xs, ys, marker="o", label=f"{method}, {clusters} cluster(s)")
+        for r in series:
+            left.annotate(f"r{r['rank']}", (r["params_per_adapter"], 100 * r["em_retention"]), fontsize=7)
+        right.scatter([r["err2"] for r in series], ys, label=f"{method}, {clusters} cluster(s)")
+    svd = [r for r in report["rows"] if r["method"] == "svd" and r["em_retention"] is not None]
+    if svd:
+        svd_y = [100 * r["em_retention"] for r in svd]
+        left.scatter([r["params_per_adapter"] for r in svd], svd_y, marker="x", color="black", label="per-adapter SVD")
+        right.scatter([r["err2"] for r in svd], svd_y, marker="x", color="black", label="per-adapter SVD")
+    left.scatter([lora_params], [100], marker="*", s=120, color="gold", edgecolor="black", label="LoRA", zorder=5)
+    left.axhline(100 * TARGET_RETENTION, ls="--", color="gray", lw=0.8)
+    left.axvline(lora_params / TARGET_RATIO, ls=":", color="gray", lw=0.8)
+    left.set_xscale("log")
+    left.set_xlabel("parameters per adapter (bases amortized)")
+    left.set_ylabel("exact match, % of the LoRAs'")
+    left.set_title(f"{len(report['tasks'])} adapters: quality vs memory")
+    left.legend(fontsize=8)
+    right.axvline(0.6, ls="--", color="gray", lw=0.8)
+    right.axhline(100 * TARGET_RETENTION, ls="--", color="gray", lw=0.8)
+    right.set_xlabel("reconstruction error err² = mean (‖ΔW−ΔŴ‖/‖ΔW‖)²")
+    right.set_ylabel("exact match, % of the LoRAs'")
+    right.set_title("quality vs reconstruction error")
+    if rows or svd:
+        right.legend(fontsize=8)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def update_results(results_md: Path, table: str, plot: Path | None, command: str) -> None:
+    """Replaces the text between the fidelity markers of `results_md` with the new table and plot."""
+    results_md = Path(results_md)
+    text = results_md.read_text(encoding="utf-8") if results_md.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{results_md} lacks the {BEGIN} … {END} markers; add them where the figures should go.")
+    image = f"\n![fidelity]({os.path.relpath(plot, results_md.parent)})\n" if plot is not None else ""
+    section = f"{BEGIN}\nProduced by `{command}`.\n\n{table}{image}{END}"
+    head, rest = text.split(BEGIN, 1)
+    _atomic_write(results_md, head + section + rest.split(END, 1)[1])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
