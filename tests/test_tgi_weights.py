@@ -226,3 +226,57 @@ def test_adapters_served_partially_are_reported(tmp_path):
         state.check_served()
     state.prepare("task-0", sigmas, spec.cluster_of, "v_proj", _targets(model, "v_proj"), 1, 0, torch.float32)
     state.check_served()
+
+
+class _TwoShardsOneProcess:
+    """A process group of size 2 whose all-reduce is the identity: with the full input on 'one shard', the split
+    update (shrink+Σ, all-reduce, expand) must equal the direct one."""
+
+    def size(self):
+        return 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_row_parallel_split_update_matches_direct_update(tmp_path, monkeypatch, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available():
+            import importlib
+
+            from peft_jd.kernels import triton_kernels, triton_ops
+
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            if not triton_ops.interpreter_enabled():
+                importlib.reload(triton_kernels)
+    monkeypatch.setenv("PEFT_JD_KERNEL", backend)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, group=None: tensor)
+    model, collection, bases = _collection(tmp_path, clusters=2)
+    state = JDServingState()
+    handles = _prepare(state, tmp_path, bases, "q_proj", _targets(model, "q_proj", parallel=ROW))
+    _bind_tgi_indices(state, handles)
+    batch = JDBatchWeights(state.layer_types["q_proj"], state.token_slots(torch.tensor(TGI_INDICES)))
+    x = torch.randn(len(TGI_INDICES), 64)
+    for graph_safe in (False, True):
+        split = apply_jd(batch, 0, x, torch.zeros(len(TGI_INDICES), 64), _TwoShardsOneProcess(), graph_safe)
+        expected = _reference(collection, "model.layers.0.self_attn.q_proj", x, TOKEN_ADAPTERS)
+        torch.testing.assert_close(split, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_half_precision_model_dtype(tmp_path):
+    model, collection, bases = _collection(tmp_path, clusters=2)
+    state = JDServingState()
+    targets = _targets(model, "q_proj")
+    for name in NAMES:
+        spec = JDAdapterSpec.from_directory(name, str(tmp_path / "adapters" / name))
+        state.use_bases(bases, name)
+        state.bind(NAMES.index(name) + 2, state.prepare(name, load_sigmas(spec, bases.config, "bases"),
+                                                        spec.cluster_of, "q_proj", targets, 1, 0,
+                                                        torch.bfloat16).slot)
+    layer = state.layer_types["q_proj"]
+    layer.materialize()
+    assert layer.U.dtype == torch.bfloat16 and layer.sigma.dtype == torch.float32
+    x = torch.randn(len(TGI_INDICES), 64)
+    batch = JDBatchWeights(layer, state.token_slots(torch.tensor(TGI_INDICES)))
+    y = apply_jd(batch, 0, x.bfloat16(), torch.zeros(len(TGI_INDICES), 64, dtype=torch.bfloat16))
+    expected = _reference(collection, "model.layers.0.self_attn.q_proj", x, TOKEN_ADAPTERS)
+    torch.testing.assert_close(y.float(), expected, rtol=5e-2, atol=5e-2)
