@@ -78,6 +78,15 @@ def test_launch_configs(config, sigma_type, num_clusters):
     check_triton(problem, torch.float32, f"{config}", config=config)
 
 
+@pytest.mark.parametrize("num_clusters", [1, 3])
+@pytest.mark.parametrize("config", [None, SMALL_TILES], ids=["default", "small-tiles"])
+def test_even_shapes(config, num_clusters):
+    # in/out multiples of the blocks and r = 16 = R_PAD: the kernels drop their k, n and r masks.
+    problem = problem_on_device(num_rows=40, in_features=64, out_features=48, rank=16, num_clusters=num_clusters,
+                                seed=15)
+    check_triton(problem, torch.float32, f"even shapes {config}", config=config)
+
+
 @pytest.mark.parametrize("rank", [1, 16, 17])
 def test_ranks(rank):
     problem = problem_on_device(rank=rank, num_clusters=2, seed=rank)

@@ -125,10 +125,14 @@ def jd_shrink_sigma_kernel(
     FULL_SIGMA: tl.constexpr,
     HAS_SCALING_TENSOR: tl.constexpr,
     USE_ATOMIC: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
+    # EVEN_K / EVEN_R: in_features is a multiple of BLOCK_K / rank == R_PAD, so the masks along k / r are dropped and
+    # the loads stay vectorised (masks that vary along a row would split them).
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows, pos, slot, cluster, active = _tile_rows(
@@ -136,7 +140,7 @@ def jd_shrink_sigma_kernel(
     )
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < rank
+    r_mask = (offs_r < rank) | EVEN_R
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, in_features)
     x_rows = x_ptr + pos[:, None] * stride_xt
@@ -152,7 +156,7 @@ def jd_shrink_sigma_kernel(
             v_cluster = v_ptr + c * stride_vc
             for k0 in range(k_start, k_end, BLOCK_K):
                 k_idx = k0 + offs_k
-                k_mask = k_idx < k_end
+                k_mask = (k_idx < k_end) | EVEN_K
                 x_tile = tl.load(x_rows + k_idx[None, :] * stride_xk, mask=in_cluster[:, None] & k_mask[None, :],
                                  other=0.0)
                 v_tile = tl.load(v_cluster + k_idx[:, None] * stride_vk + offs_r[None, :] * stride_vr,
@@ -215,6 +219,8 @@ def jd_expand_kernel(
     R_PAD: tl.constexpr,
     HAS_ORDER: tl.constexpr,
     SINGLE_CLUSTER: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -225,9 +231,9 @@ def jd_expand_kernel(
         pid_t, num_rows, order_ptr, slot_index_ptr, slot_cluster_ptr, BLOCK_T, HAS_ORDER
     )
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < out_features
+    n_mask = (offs_n < out_features) | EVEN_N
     offs_r = tl.arange(0, R_PAD)
-    u_mask = (offs_r < rank)[:, None] & n_mask[None, :]
+    u_mask = ((offs_r < rank) | EVEN_R)[:, None] & n_mask[None, :]
     g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * R_PAD + offs_r[None, :], mask=active[:, None], other=0.0)
     u_offsets = offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un
     acc = tl.full((BLOCK_T, BLOCK_N), 0.0, tl.float32)

@@ -248,6 +248,7 @@ def jd_lora_apply_triton(
         BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, R_PAD=r_pad, BLOCK_I=min(cfg.block_i, r_pad),
         HAS_ORDER=order is not None, SINGLE_CLUSTER=num_clusters == 1, FULL_SIGMA=full_sigma,
         HAS_SCALING_TENSOR=scaling_tensor is not None, USE_ATOMIC=split_k > 1,
+        EVEN_K=in_features % cfg.block_k == 0, EVEN_R=rank == r_pad,
         DOT_DTYPE=v_dot, UPCAST=v_upcast, INPUT_PRECISION=_input_precision(V.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -257,7 +258,8 @@ def jd_lora_apply_triton(
         num_rows, out_features, rank, num_clusters,
         y.stride(0), y.stride(1), U.stride(0), U.stride(1), U.stride(2),
         BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, R_PAD=r_pad, HAS_ORDER=order is not None,
-        SINGLE_CLUSTER=num_clusters == 1, DOT_DTYPE=u_dot, UPCAST=u_upcast, INPUT_PRECISION=_input_precision(U.dtype),
+        SINGLE_CLUSTER=num_clusters == 1, EVEN_N=out_features % cfg.block_n == 0, EVEN_R=rank == r_pad,
+        DOT_DTYPE=u_dot, UPCAST=u_upcast, INPUT_PRECISION=_input_precision(U.dtype),
         num_warps=cfg.num_warps,
     )
     return y
