@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             "ranks": [4, 8] if args.smoke else [8, 16],
             "clusters": [1, 2],
             "svd_ranks": [4],
-            "subset_sizes": [2],
+            "subset_sizes": [2 if args.smoke else 4],
             "subset_ranks": [4 if args.smoke else 8],
             "test_per_task": 4 if args.smoke else 20,
         }

@@ -1,0 +1,116 @@
+"""benchmarks/fidelity.py on the tiny model with a numpy reference compressor, and its report helpers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import fidelity  # noqa: E402
+import fidelity_report  # noqa: E402
+from test_zoo_pipeline import exact_jd  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_fidelity_smoke_run_writes_json_table_plot_and_results_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(fidelity, "compress_collection", exact_jd)
+    results = tmp_path / "results.md"
+    results.write_text("# Results\n\nintro\n\n<!-- fidelity:begin -->\nold\n<!-- fidelity:end -->\n\noutro\n")
+    argv = [
+        "--smoke",
+        "--methods",
+        "jd-full",
+        "--ranks",
+        "12",
+        "--clusters",
+        "1",
+        "--svd-ranks",
+        "4",
+        "--subset-sizes",
+        "2",
+        "--subset-ranks",
+        "4",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--results-md",
+        str(results),
+    ]
+    assert fidelity.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    rows = {(r["method"], r["rank"], r["n"]): r for r in report["rows"]}
+    assert len(report["tasks"]) == 3 and set(report["per_task"]) == set(report["tasks"])
+    # Rank 12 = 3 adapters × r 4 and SVD at rank r are lossless: same predictions as the LoRAs.
+    for key in (("jd-full", 12, 3), ("svd", 4, 3), ("lora", 4, 3)):
+        assert rows[key]["agreement"] == 1.0 and rows[key]["err2"] < 1e-8, key
+    subset = rows[("jd-full", 4, 2)]
+    assert 0 < subset["err2"] < 1 and len(subset["per_task_em"]) == 2
+    assert rows[("jd-full", 12, 3)]["memory_ratio"] == pytest.approx(
+        report["lora_params_per_adapter"] / rows[("jd-full", 12, 3)]["params_per_adapter"]
+    )
+    assert (tmp_path / "out" / "fidelity.png").stat().st_size > 1000
+    text = results.read_text()
+    assert text.startswith("# Results\n\nintro\n") and text.endswith("<!-- fidelity:end -->\n\noutro\n")
+    assert "old" not in text and "| jd-full | 12 | 1 | 3 |" in text and "![fidelity](out/fidelity.png)" in text
+
+
+def _row(method, rank, clusters, retention, ratio, n=40):
+    return {
+        "method": method,
+        "rank": rank,
+        "clusters": clusters,
+        "n": n,
+        "params_per_adapter": 1e6 / ratio,
+        "memory_ratio": ratio,
+        "err2": 0.5,
+        "exact_match": 0.8 * retention,
+        "rouge_l": 0.9,
+        "em_retention": retention,
+        "rouge_retention": 1.0,
+        "agreement": 0.97,
+    }
+
+
+def _report(rows):
+    base = _row("base", 0, 0, 0.0, 1.0)
+    lora = _row("lora", 16, 0, 1.0, 1.0)
+    return {"model": "m", "tasks": [f"t{i}" for i in range(40)], "rows": [base, lora, *rows]}
+
+
+def test_headline_picks_the_most_compressed_setting_that_keeps_99_percent():
+    report = _report(
+        [
+            _row("jd-full", 16, 1, 1.0, 12.0),
+            _row("jd-full", 8, 1, 0.995, 23.0),
+            _row("jd-full", 4, 1, 0.90, 40.0),
+            _row("jd-full", 8, 1, 1.0, 30.0, n=10),
+        ]
+    )
+    line = fidelity_report.headline(report)
+    assert "JD-Full rank 8, 1 cluster keeps 99.5%" in line and "23.0×" in line and "meets the target" in line
+    falloff = "\n".join(fidelity_report.falloff(report))
+    assert "≥ 99% from rank 8 (23.0×)" in falloff and "n=10: 100%" in falloff
+    low = _report([_row("jd-diag", 8, 4, 0.95, 15.0)])
+    assert "No JD setting kept ≥ 99%" in fidelity_report.headline(low)
+    assert "misses" in fidelity_report.headline(_report([_row("jd-full", 64, 1, 0.995, 3.0)]))
+
+
+def test_update_results_requires_markers(tmp_path):
+    page = tmp_path / "results.md"
+    page.write_text("# Results without markers\n")
+    with pytest.raises(ValueError, match="lacks the <!-- fidelity:begin -->"):
+        fidelity_report.update_results(page, "table", None, "cmd")
