@@ -49,21 +49,36 @@ class SharedBases:
         self.config = config
         self.tensors = tensors
         self.directory = directory
+        # Copies in other dtypes/devices, made once and shared like the originals.
+        self._placed: dict[tuple[str, torch.dtype, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def fingerprint(self) -> str:
         return self.config.fingerprint
 
-    def module(self, module_key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(U, V)` of a module; raises `BasesNotFoundError` naming the module if the bases do not cover it."""
+    def module(
+        self, module_key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(U, V)` of a module, optionally in another dtype/device (one shared copy per placement).
+
+        Raises `BasesNotFoundError` naming the module if the bases do not cover it.
+        """
         try:
-            return self.tensors[module_key]
+            U, V = self.tensors[module_key]
         except KeyError:
             raise BasesNotFoundError(
                 f"bases {self.key.describe()} have no entry for module {module_key!r}; the adapter targets a module "
                 "that was not compressed into this collection. Re-run `peft-jd compress` with that module, or load "
                 "the adapter on the base model it was compressed for."
             ) from None
+        dtype = dtype or U.dtype
+        device = torch.device(device) if device is not None else U.device
+        if dtype == U.dtype and device == U.device:
+            return U, V
+        key = (module_key, dtype, str(device))
+        if key not in self._placed:
+            self._placed[key] = (U.to(device=device, dtype=dtype), V.to(device=device, dtype=dtype))
+        return self._placed[key]
 
     def nbytes(self) -> int:
         return sum(U.nbytes + V.nbytes for U, V in self.tensors.values())

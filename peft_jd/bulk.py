@@ -116,7 +116,7 @@ def _add_adapter(tuner, layers: dict, name: str, source: str, config: JDLoraConf
         tuner._check_new_adapter_config(config)
         for module_key, sigma in sigmas.items():
             layer = layers[module_key]
-            layer.set_bases(*shared.module(module_key), shared.key.describe(), module_key)
+            layer.attach_bases(shared, module_key)
             with torch.no_grad():
                 layer.update_layer(
                     name,

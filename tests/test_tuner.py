@@ -187,3 +187,26 @@ def test_to_lora_export_is_exact(collection, tmp_path):
     from_files = peft_jd.export.export_adapter_to_lora(str(root / "adapters" / "task-1"))
     for key, value in export.state_dict.items():
         torch.testing.assert_close(from_files.state_dict[key], value)
+
+
+def test_bf16_base_uses_bf16_bases_and_fp32_sigma(collection):
+    root, data = collection
+    base = tiny_llama().to(torch.bfloat16)
+    model = PeftModel.from_pretrained(base, str(root / "adapters" / "task-2"))
+    layer = next(iter(model.base_model.jd_layers().values()))
+    assert layer.jd_U.dtype == torch.bfloat16 and layer.jd_sigma_stack.dtype == torch.float32
+    shared = model.base_model.shared_bases
+    key = next(iter(model.base_model.jd_layers()))
+    assert shared.module(key, torch.bfloat16)[0] is layer.jd_U  # one bf16 copy per process, shared
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x).float()
+        expected = layer.get_base_layer()(x).float() + x.float() @ dense_delta(data, "task-2", key).T
+        mixed = model.base_model.slot_table
+        mixed.set_rows(torch.tensor([mixed.slot_of["default"]] * 3))
+        try:
+            got_mixed = layer(x).float()
+        finally:
+            mixed.set_rows(None)
+    torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got_mixed, got, atol=2e-2, rtol=2e-2)

@@ -44,6 +44,24 @@ class JDLoraLayer(BaseTunerLayer):
         self.kwargs = kwargs
 
     # ----------------------------------------------------------------------------------------------- adapter state
+    def bases_placement(self) -> tuple[torch.dtype, torch.device]:
+        """dtype/device the bases should have here: the base layer's half precision if any (fast GEMMs), else fp32.
+
+        Σ always stays fp32: the Σ step accumulates in fp32 whatever the bases' dtype.
+        """
+        base_layer = self.get_base_layer()
+        weight = getattr(base_layer, "weight", None)
+        device = weight.device if weight is not None else torch.device("cpu")
+        dtype = getattr(base_layer, "compute_dtype", None) if self.quantization_backend is not None else None
+        if dtype is None and weight is not None and weight.dtype in (torch.float16, torch.bfloat16, torch.float64):
+            dtype = weight.dtype
+        return dtype or torch.float32, device
+
+    def attach_bases(self, shared, module_key: str) -> None:
+        """Attaches this module's bases from a `SharedBases`, placed for this layer."""
+        U, V = shared.module(module_key, *self.bases_placement())
+        self.set_bases(U, V, shared.key.describe(), module_key)
+
     def set_bases(self, U: torch.Tensor, V: torch.Tensor, bases_id: str, module_key: str) -> None:
         """Attaches the shared bases of this module (no copy) after checking shapes against the base layer."""
         if U.dim() != 3 or V.dim() != 3 or U.shape[0] != V.shape[0] or U.shape[2] != V.shape[2]:

@@ -142,7 +142,7 @@ class JDLoraModel(BaseTuner):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
         shared = self._injecting_bases
-        U, V = shared.module(current_key)
+        shared.module(current_key)  # fail on uncovered modules before touching the model
         if isinstance(target, JDLoraLayer):
             layer = target
         else:
@@ -153,7 +153,7 @@ class JDLoraModel(BaseTuner):
                     "torch.nn.Linear and bitsandbytes 4-bit/8-bit linear layers."
                 )
             layer = Linear(target, self.slot_table)
-        layer.set_bases(U, V, shared.key.describe(), current_key)
+        layer.attach_bases(shared, current_key)
         layer.update_layer(
             adapter_name,
             rank=config.r,
