@@ -109,6 +109,13 @@ def markdown(report: dict) -> str:
         f"median {sorted(t['steps'] for t in training)[len(seconds) // 2]} steps "
         f"({report['threads']} threads; times of the run that trained them)."
     )
+    forced = [t.get("lora_teacher_forced_em") for t in report["per_task"].values()]
+    if None not in forced:
+        generated = [t["lora_em"] for t in report["per_task"].values()]
+        lines.append(
+            f"Consistency check: the LoRAs' teacher-forced greedy EM is {sum(forced) / len(forced):.1%} vs "
+            f"{sum(generated) / len(generated):.1%} generated (equal up to numerical near-ties)."
+        )
     lines += ["", "| task | base EM | LoRA EM | LoRA Rouge-L | steps | train s |", "|---|---:|---:|---:|---:|---:|"]
     for name, t in report["per_task"].items():
         info = report["training"][name]

@@ -57,6 +57,8 @@ def test_fidelity_smoke_run_writes_json_table_plot_and_results_section(tmp_path,
     # Rank 12 = 3 adapters × r 4 and SVD at rank r are lossless: same predictions as the LoRAs.
     for key in (("jd-full", 12, 3), ("svd", 4, 3), ("lora", 4, 3)):
         assert rows[key]["agreement"] == 1.0 and rows[key]["err2"] < 1e-8, key
+    for task in report["per_task"].values():
+        assert task["lora_teacher_forced_em"] == task["lora_em"]
     subset = rows[("jd-full", 4, 2)]
     assert 0 < subset["err2"] < 1 and len(subset["per_task_em"]) == 2
     assert rows[("jd-full", 12, 3)]["memory_ratio"] == pytest.approx(
