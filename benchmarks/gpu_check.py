@@ -17,6 +17,7 @@ Without CUDA (`--device cpu`) it times the PyTorch path and the GEMM pair only, 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -50,6 +51,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out-features", type=int, nargs="+", default=None, help="default 1024 4096")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--sigma-type", choices=["full", "diag"], default="full")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the launch-configuration sweep")
     parser.add_argument("--compile-workers", type=int, default=8, help="processes compiling kernels up front (0: off)")
     parser.add_argument("--out", default=None, help="also write the JSON report to this file")
     args = parser.parse_args(argv)
@@ -203,23 +205,28 @@ def bench_case(torch, kernels, key: tuple, args, device: str, eager, graph) -> d
     def torch_path():
         kernels.jd_lora_apply_torch(y, x, *rest)
 
-    measure(rec, "single_lora_ms", eager, single_lora)
-    measure(rec, "single_lora_graph_ms", graph, single_lora)
-    measure(rec, "torch_ms", eager, torch_path)
-    if clusters == 1:  # the sorted multi-cluster torch path reads cluster counts on the host: not capturable
-        measure(rec, "torch_graph_ms", graph, torch_path)
     if device == "cuda":
         from peft_jd.kernels.triton_ops import jd_lora_apply_triton
 
-        def triton_path():
-            jd_lora_apply_triton(y, x, *rest)
-
+        # Checked before any timing: the timed calls keep accumulating into y.
         reference = y.clone()
         kernels.jd_lora_apply_torch(reference, x, *rest)
         result = y.clone()
         jd_lora_apply_triton(result, x, *rest)
         delta = (reference.float() - y.float()).norm().item()
         rec["triton_rel_err_vs_torch"] = (result.float() - reference.float()).norm().item() / max(delta, 1e-30)
+
+    measure(rec, "single_lora_ms", eager, single_lora)
+    measure(rec, "single_lora_graph_ms", graph, single_lora)
+    measure(rec, "torch_ms", eager, torch_path)
+    # The sorted multi-cluster torch path reads cluster counts on the host: it cannot be captured in a graph.
+    torch_ops = kernels.torch_ops
+    if clusters == 1 or torch_ops._use_gathered_bases(torch_ops.row_blocks(case["slot_index"]), case["U"], case["V"]):
+        measure(rec, "torch_graph_ms", graph, torch_path)
+    if device == "cuda":
+        def triton_path():
+            jd_lora_apply_triton(y, x, *rest)
+
         measure(rec, "triton_ms", eager, triton_path)
         measure(rec, "triton_graph_ms", graph, triton_path)
         rec["min_bytes"] = min_bytes(case)
@@ -244,32 +251,53 @@ def measure(rec: dict, name: str, timing: Optional[Callable], fn: Callable) -> N
         rec.setdefault("errors", []).append(f"{name}: {type(exc).__name__}: {exc}"[:300])
 
 
-def _compile_worker(keys: list[tuple], argv: list[str]) -> int:
-    """Runs each case's Triton call once, so that its kernels land in the on-disk Triton cache."""
+def _compile_worker(items: list[tuple[tuple, dict]], argv: list[str]) -> int:
+    """Runs each (case, launch-config change) once, so that its kernels land in the on-disk Triton cache."""
+    from dataclasses import replace
+
     import torch
 
     args = parse_args(argv)
-    kernels, _ = import_kernels()
-    from peft_jd.kernels.triton_ops import jd_lora_apply_triton
+    import_kernels()
+    from peft_jd.kernels.triton_ops import default_launch_config, jd_lora_apply_triton
 
-    for T, out_f, r, clusters in keys:
-        case, _ = make_case(torch, T, args.in_features, out_f, r, clusters, args, "cuda")
-        jd_lora_apply_triton(**case)
+    cases = {}
+    for key, change in items:
+        T, out_f, r, clusters = key
+        if key not in cases:
+            cases = {key: make_case(torch, T, args.in_features, out_f, r, clusters, args, "cuda")[0]}
+        case = cases[key]
+        config = default_launch_config(T, args.in_features, out_f, r, clusters, case["x"].device)
+        jd_lora_apply_triton(**case, config=replace(config, **change))
     torch.cuda.synchronize()
-    return len(keys)
+    return len(items)
 
 
-def precompile(keys: list[tuple], args, argv: list[str]) -> dict[str, Any]:
-    """Compiles the kernels of all cases in parallel processes (compilation dominates a cold run)."""
+def compile_items(keys: list[tuple], args) -> list[tuple[tuple, dict]]:
+    """Work for `precompile`: every benchmark case with its default launch config, then the sweep's variants."""
+    import torch
+
+    from peft_jd.kernels.triton_ops import default_launch_config
+
+    items = [(key, {}) for key in keys]
+    if not args.no_sweep:
+        for T, out_f, r, clusters in SWEEP_CASES:
+            config = default_launch_config(T, args.in_features, out_f, r, clusters, torch.device("cuda"))
+            items += [((T, out_f, r, clusters), change) for change in sweep_variants(config)[1:]]
+    return items
+
+
+def precompile(items: list[tuple[tuple, dict]], args, argv: list[str]) -> dict[str, Any]:
+    """Compiles the kernels of all work items in parallel processes (compilation dominates a cold run)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    workers = min(args.compile_workers, len(keys))
+    workers = min(args.compile_workers, len(items))
     start = time.perf_counter()
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            done = sum(pool.map(_compile_worker, [keys[i::workers] for i in range(workers)], [argv] * workers))
-        return {"workers": workers, "cases": done, "seconds": round(time.perf_counter() - start, 1)}
+            done = sum(pool.map(_compile_worker, [items[i::workers] for i in range(workers)], [argv] * workers))
+        return {"workers": workers, "items": done, "seconds": round(time.perf_counter() - start, 1)}
     except Exception as exc:  # noqa: BLE001 - fall back to compiling inline
         return {"workers": workers, "error": f"{type(exc).__name__}: {exc}"[:300],
                 "seconds": round(time.perf_counter() - start, 1)}
@@ -282,7 +310,7 @@ def run_benchmark(torch, kernels, args, device: str, argv: list[str], deadline: 
             for T in args.tokens]
     info: dict[str, Any] = {"cases_planned": len(keys)}
     if device == "cuda" and args.compile_workers > 0:
-        info["precompile"] = precompile(keys, args, argv)
+        info["precompile"] = precompile(compile_items(keys, args), args, argv)
     eager, graph = timer(torch, device)
     for key in keys:
         if time.perf_counter() > deadline:
@@ -297,6 +325,56 @@ def run_benchmark(torch, kernels, args, device: str, argv: list[str], deadline: 
         if device == "cuda":
             torch.cuda.empty_cache()
     return info
+
+
+# ------------------------------------------------------------------------------------------------------------ sweep
+# (T, out_features, r, clusters): decode and prefill, small and large rank, one and 25 clusters.
+SWEEP_SECONDS = 45  # kept out of the main benchmark's time budget
+SWEEP_CASES = [(16, 4096, 16, 25), (16, 1024, 64, 25), (4096, 1024, 16, 25), (4096, 4096, 64, 1), (1, 4096, 16, 1)]
+
+
+def sweep_variants(config) -> list[dict[str, Any]]:
+    """Launch configurations one parameter away from the default one (the default first)."""
+    variants = [{}]
+    variants += [{"split_k": v} for v in (1, 2, 4, 8, 16, 32) if v != config.split_k]
+    variants += [{"block_t": v} for v in (16, 32, 64, 128) if v != config.block_t]
+    variants += [{"block_n": v} for v in (32, 64, 128, 256) if v != config.block_n]
+    variants += [{"block_k": v} for v in (32, 64, 128, 256) if v != config.block_k]
+    variants += [{"num_warps": v} for v in (2, 4, 8) if v != config.num_warps]
+    variants += [{"num_stages": v} for v in (2, 3, 4) if v != config.num_stages]
+    variants += [{"sort_rows": not config.sort_rows}]
+    return variants
+
+
+def run_sweep(torch, args, deadline: float) -> list[dict[str, Any]]:
+    """Times launch-configuration variants (CUDA-graph replay, so launch overhead is left out) around the defaults,
+    to tune `default_launch_config`; stops at `deadline`."""
+    from dataclasses import asdict, replace
+
+    from peft_jd.kernels.triton_ops import default_launch_config, jd_lora_apply_triton
+
+    _, graph = timer(torch, "cuda")
+    sweeps = []
+    for T, out_f, r, clusters in SWEEP_CASES:
+        if time.perf_counter() > deadline:
+            break
+        case, _ = make_case(torch, T, args.in_features, out_f, r, clusters, args, "cuda")
+        default = default_launch_config(T, args.in_features, out_f, r, clusters, case["x"].device)
+        timings = []
+        for change in sweep_variants(default):
+            if time.perf_counter() > deadline:
+                break
+            config = replace(default, **change)
+            rec = {"change": change or "default"}
+            measure(rec, "graph_ms", graph, functools.partial(jd_lora_apply_triton, **case, config=config))
+            timings.append(rec)
+        valid = [t for t in timings if t.get("graph_ms")]
+        best = min(valid, key=lambda t: t["graph_ms"]) if valid else None
+        sweeps.append({"case": {"T": T, "out": out_f, "r": r, "clusters": clusters}, "default": asdict(default),
+                       "best": best, "variants": timings})
+        print(json.dumps(sweeps[-1]["case"] | {"best": best}), file=sys.stderr, flush=True)
+        torch.cuda.empty_cache()
+    return sweeps
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -363,8 +441,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         report["results"].append(rec)
         save()
 
-    report["benchmark_info"] = run_benchmark(torch, kernels, args, device, argv, deadline, on_result)
+    sweep_reserve = 0 if device != "cuda" or args.no_sweep else SWEEP_SECONDS
+    report["benchmark_info"] = run_benchmark(torch, kernels, args, device, argv, deadline - sweep_reserve, on_result)
     save()
+    if device == "cuda" and not args.no_sweep:
+        try:
+            report["sweep"] = run_sweep(torch, args, deadline)
+        except Exception as exc:  # noqa: BLE001 - the main figures are already saved
+            report["sweep"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        save()
     print(json.dumps(report, indent=1))
     print_table(report["results"])
     failed = report.get("tests", {}).get("returncode") not in (None, 0)

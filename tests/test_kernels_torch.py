@@ -326,6 +326,18 @@ def test_gpu_check_arguments(gpu_check):
         gpu_check.parse_args(["--dtype", "fp8"])
 
 
+def test_gpu_check_sweep_variants(gpu_check):
+    from peft_jd.kernels.triton_ops import default_launch_config
+
+    config = default_launch_config(16, 4096, 1024, 64, 25, torch.device("cpu"))
+    variants = gpu_check.sweep_variants(config)
+    assert variants[0] == {} and {"sort_rows": not config.sort_rows} in variants
+    for change in variants[1:]:
+        (name, value), = change.items()
+        assert getattr(config, name) != value, f"{change} repeats the default"
+    assert len({tuple(sorted(c.items())) for c in variants}) == len(variants)
+
+
 def test_gpu_check_cpu_fallback(gpu_check, tmp_path, capsys):
     out = tmp_path / "report.json"
     argv = ["--device", "cpu", "--in-features", "40", "--out-features", "24", "--tokens", "1", "33", "--ranks", "4",
