@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -57,12 +56,14 @@ def load_adapters(
     revision: Optional[str] = None,
     max_workers: int = 8,
     progress: bool = True,
+    chunk_size: int = 256,
     **hub_kwargs,
 ) -> list[str]:
     """Loads many JD-LoRA sigma adapters into a model that already holds one adapter of the same collection.
 
-    Files are read in parallel threads; each Σ is written straight into every layer's stacked Σ, so the cost per
-    adapter is one small file read plus one copy per module (no walk over the model's modules per adapter).
+    Files are read in parallel threads. Each chunk of adapters is validated completely before anything is written
+    (a bad adapter leaves the model as it was, naming the adapter and module), then written with one indexed copy
+    per layer, so the cost per adapter is one small file read (no walk over the model's modules per adapter).
 
     Args:
         model: A `PeftModel` with at least one JD-LoRA adapter loaded (e.g. from `PeftModel.from_pretrained`).
@@ -71,6 +72,7 @@ def load_adapters(
         revision: Hub revision for every source.
         max_workers: Threads reading adapter files.
         progress: Show a progress bar.
+        chunk_size: Adapters validated and written together (bounds the Σ held in memory at once).
         hub_kwargs: Passed to `huggingface_hub.snapshot_download` (`token`, `cache_dir`, …).
 
     Returns:
@@ -93,45 +95,68 @@ def load_adapters(
             f"adapter name(s) already loaded or repeated: {duplicates[:10]}; pass distinct adapter_names."
         )
     layers = tuner.jd_layers()
+    progress_bar = tqdm(total=len(names), desc="loading JD adapters", disable=not progress)
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        results = pool.map(lambda s: _read_adapter(s, revision, hub_kwargs), sources)
-        for name, source, (config, sigmas) in tqdm(
-            zip(names, sources, results), total=len(names), desc="loading JD adapters", disable=not progress
-        ):
-            _add_adapter(tuner, layers, name, source, config, sigmas)
+        for start in range(0, len(names), chunk_size):
+            chunk_names = names[start : start + chunk_size]
+            chunk_sources = sources[start : start + chunk_size]
+            read = list(pool.map(lambda s: _read_adapter(s, revision, hub_kwargs), chunk_sources))
+            _add_adapters(tuner, layers, chunk_names, chunk_sources, read)
+            progress_bar.update(len(chunk_names))
+    progress_bar.close()
     return names
 
 
-def _add_adapter(tuner, layers: dict, name: str, source: str, config: JDLoraConfig, sigmas: dict) -> None:
+def _validate(tuner, layers: dict, name: str, source: str, config: JDLoraConfig, sigmas: dict):
     shared = tuner._resolve_bases(config, name)
-    missing = sorted(set(sigmas) - set(layers))
-    if missing:
+    unknown = sorted(set(sigmas) - set(layers))
+    if unknown:
         raise AdapterFormatError(
-            f"adapter {source!r} has Σ for module(s) {missing[:5]} that this model does not adapt; it targets "
+            f"adapter {source!r} has Σ for module(s) {unknown[:5]} that this model does not adapt; it targets "
             "other modules than the loaded collection."
         )
-    config.inference_mode = True
-    tuner.peft_config[name] = config
-    try:
-        tuner._check_new_adapter_config(config)
+    for module_key, sigma in sigmas.items():
+        layers[module_key]._check_new_sigmas(
+            [name], [sigma], [config.cluster_of(module_key)], config.r, config.sigma_type, module_key
+        )
+    return shared
+
+
+def _add_adapters(tuner, layers: dict, names: list[str], sources: list[str], read: list[tuple]) -> None:
+    """Validates a chunk of adapters completely, then writes it with one indexed copy per layer."""
+    shared = None
+    for name, source, (config, sigmas) in zip(names, sources, read):
+        shared = _validate(tuner, layers, name, source, config, sigmas)
+        config.inference_mode = True
+    per_layer: dict[str, list] = {}
+    for name, (config, sigmas) in zip(names, read):
         for module_key, sigma in sigmas.items():
+            entry = (name, sigma, config.cluster_of(module_key), config.scaling, config)
+            per_layer.setdefault(module_key, []).append(entry)
+    tuner.slot_table.reserve(len(names))
+    try:
+        for name, (config, _) in zip(names, read):
+            tuner.peft_config[name] = config
+            tuner._check_new_adapter_config(config)
+        for module_key, entries in per_layer.items():
             layer = layers[module_key]
             layer.attach_bases(shared, module_key)
-            with torch.no_grad():
-                layer.update_layer(
-                    name,
-                    rank=config.r,
-                    sigma_type=config.sigma_type,
-                    cluster=config.cluster_of(module_key),
-                    scaling=config.scaling,
-                    sigma=sigma,
-                    inference_mode=True,
-                    module_key=module_key,
-                )
+            config = entries[0][4]
+            layer.add_sigmas(
+                [e[0] for e in entries],
+                [e[1] for e in entries],
+                [e[2] for e in entries],
+                [e[3] for e in entries],
+                rank=config.r,
+                sigma_type=config.sigma_type,
+                inference_mode=True,
+                module_key=module_key,
+            )
     except Exception:
-        for layer in layers.values():
-            if name in layer.jd_sigma:
-                layer.delete_adapter(name)
-        tuner.peft_config.pop(name, None)
-        tuner.slot_table.release(name)
+        for name in names:
+            for layer in layers.values():
+                if name in layer.jd_sigma:
+                    layer.delete_adapter(name)
+            tuner.peft_config.pop(name, None)
+            tuner.slot_table.release(name)
         raise

@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
-from ..errors import ShapeMismatchError
+from ..errors import ShapeMismatchError, SigmaTypeMismatchError
 from ..kernels import jd_lora_apply
 from .slots import SlotTable
 
@@ -134,43 +134,73 @@ class JDLoraLayer(BaseTunerLayer):
             inference_mode: Freeze Σ.
             module_key: Module name, for error messages.
         """
-        if self.sigma_type is not None and sigma_type != self.sigma_type:
-            from ..errors import SigmaTypeMismatchError
+        self.add_sigmas(
+            [adapter_name], [sigma], [cluster], [scaling], rank, sigma_type, inference_mode, module_key=module_key
+        )
 
+    def _check_new_sigmas(self, adapter_names, sigmas, clusters, rank: int, sigma_type: str, module_key: str) -> None:
+        if self.sigma_type is not None and sigma_type != self.sigma_type:
             raise SigmaTypeMismatchError(
-                f"adapter {adapter_name!r} has sigma_type={sigma_type!r} but module {module_key} already serves "
+                f"adapter {adapter_names[0]!r} has sigma_type={sigma_type!r} but module {module_key} already serves "
                 f"sigma_type={self.sigma_type!r} adapters. Full and diagonal collections need separate models."
             )
         num_clusters, _, bases_rank = self.jd_U.shape
         if rank != bases_rank:
             raise ShapeMismatchError(
-                f"adapter {adapter_name!r} has r={rank} but the bases of module {module_key} have rank {bases_rank}."
+                f"adapter {adapter_names[0]!r} has r={rank} but the bases of module {module_key} have rank "
+                f"{bases_rank}."
             )
-        if not 0 <= cluster < num_clusters:
-            raise ShapeMismatchError(
-                f"adapter {adapter_name!r} is assigned cluster {cluster} for module {module_key}, but its bases have "
-                f"{num_clusters} cluster(s). The adapter was compressed against other bases."
-            )
-        self.sigma_type = sigma_type
-        slot = self.slot_table.acquire(adapter_name)
-        self._ensure_stack(rank, sigma_type)
-        row = self.jd_sigma_stack[slot]
-        if sigma is not None:
-            expected = tuple(row.shape)
-            if tuple(sigma.shape) != expected:
+        expected = (rank, rank) if sigma_type == "full" else (rank,)
+        for name, sigma, cluster in zip(adapter_names, sigmas, clusters):
+            if not 0 <= cluster < num_clusters:
                 raise ShapeMismatchError(
-                    f"Σ of adapter {adapter_name!r} for module {module_key} has shape {tuple(sigma.shape)}, "
-                    f"expected {expected} (r={rank}, sigma_type={sigma_type!r})."
+                    f"adapter {name!r} is assigned cluster {cluster} for module {module_key}, but its bases have "
+                    f"{num_clusters} cluster(s). The adapter was compressed against other bases."
                 )
-            row.copy_(sigma)
-        else:
-            row.zero_()
-        self.jd_slot_cluster[slot] = cluster
-        self.jd_slot_scaling[slot] = scaling
-        param = nn.Parameter(row, requires_grad=not inference_mode)
-        self.jd_sigma[adapter_name] = param
-        self.jd_cluster[adapter_name] = cluster
-        self.jd_scaling[adapter_name] = scaling
+            if sigma is not None and tuple(sigma.shape) != expected:
+                raise ShapeMismatchError(
+                    f"Σ of adapter {name!r} for module {module_key} has shape {tuple(sigma.shape)}, expected "
+                    f"{expected} (r={rank}, sigma_type={sigma_type!r})."
+                )
+
+    def add_sigmas(
+        self,
+        adapter_names: list[str],
+        sigmas: list[Optional[torch.Tensor]],
+        clusters: list[int],
+        scalings: list[float],
+        rank: int,
+        sigma_type: str,
+        inference_mode: bool = False,
+        module_key: str = "",
+    ) -> None:
+        """Adds many adapters' Σ at once: everything is validated first, then written with one indexed copy.
+
+        Args:
+            adapter_names: Names of the adapters.
+            sigmas: Their Σ (`None` for zeros).
+            clusters: Their cluster for this module.
+            scalings: Their scaling.
+            rank: Shared rank r of the bases.
+            sigma_type: `"full"` or `"diag"`.
+            inference_mode: Freeze Σ.
+            module_key: Module name, for error messages.
+        """
+        self._check_new_sigmas(adapter_names, sigmas, clusters, rank, sigma_type, module_key)
+        self.sigma_type = sigma_type
+        slots = [self.slot_table.acquire(name) for name in adapter_names]
+        self._ensure_stack(rank, sigma_type)
+        stack = self.jd_sigma_stack
+        index = torch.tensor(slots, dtype=torch.long, device=stack.device)
+        with torch.no_grad():
+            rows = [torch.zeros(stack.shape[1:]) if sigma is None else sigma for sigma in sigmas]
+            stack.index_copy_(0, index, torch.stack(rows).to(stack))
+            self.jd_slot_cluster.index_copy_(0, index, torch.tensor(clusters, device=stack.device))
+            self.jd_slot_scaling.index_copy_(0, index, torch.tensor(scalings, dtype=stack.dtype, device=stack.device))
+        for name, slot, cluster, scaling in zip(adapter_names, slots, clusters, scalings):
+            self.jd_sigma[name] = nn.Parameter(stack[slot], requires_grad=not inference_mode)
+            self.jd_cluster[name] = cluster
+            self.jd_scaling[name] = scaling
 
     def delete_adapter(self, adapter_name: str) -> None:
         slot = self.slot_table.slot_of.get(adapter_name)

@@ -49,6 +49,12 @@ class SlotTable:
         self.slot_of[adapter_name] = slot
         return slot
 
+    def reserve(self, extra: int) -> None:
+        """Grows `capacity` so that `extra` more adapters fit without further growth."""
+        needed = len(self.slot_of) + 1 + extra - len(self._free)
+        while self.capacity < max(needed, self._next):
+            self.capacity *= 2
+
     def release(self, adapter_name: str) -> None:
         slot = self.slot_of.pop(adapter_name, None)
         if slot is not None:
