@@ -48,6 +48,7 @@ class DemoOptions:
         clusters: Number of clusters.
         test_per_task: Test examples evaluated per task.
         batch_size: Rows per mixed generation batch.
+        throughput_batch: Rows of the batch timed for the throughput comparison.
         train: LoRA training settings.
         cache_dir: Adapter cache (default `~/.cache/peft-jd/zoo`).
         work_dir: Where the compressed collection is written (default: a temporary directory).
@@ -58,8 +59,9 @@ class DemoOptions:
     method: str = "jd-full"
     rank: int = 16
     clusters: int = 1
-    test_per_task: int = 20
+    test_per_task: int = 16
     batch_size: int = 64
+    throughput_batch: int = 32
     train: TrainSettings = field(default_factory=lambda: DEMO_TRAIN_SETTINGS)
     cache_dir: Path | None = None
     work_dir: Path | None = None
@@ -137,7 +139,7 @@ def _evaluate_all(
 ) -> dict:
     splits = {name: make_splits(name, options.train.seed, options.train.num_examples) for name in loras}
     requests = build_requests(splits, per_task=options.test_per_task)
-    batch = requests[: options.batch_size]
+    batch = requests[: options.throughput_batch]
     batch_names = [r.task for r in batch]
     start = time.perf_counter()
 
