@@ -108,7 +108,7 @@ def load_adapters(
 
 
 def _validate(tuner, layers: dict, name: str, source: str, config: JDLoraConfig, sigmas: dict):
-    shared = tuner._resolve_bases(config, name)
+    shared = tuner._resolve_bases(config, name if name == source else f"{name} ({source})")
     unknown = sorted(set(sigmas) - set(layers))
     if unknown:
         raise AdapterFormatError(
