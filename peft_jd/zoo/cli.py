@@ -55,7 +55,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.max_steps is not None:
         options = replace(options, train=replace(options.train, max_steps=args.max_steps))
-    report = run_demo(options, console=Console())
+    console = Console()
+    try:
+        report = run_demo(options, console=console)
+    except ImportError as exc:
+        # Missing optional dependencies (gguf, the compression engine): say what to install instead of a traceback.
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
