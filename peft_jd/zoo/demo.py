@@ -7,6 +7,7 @@ against the same batch on a single LoRA.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -72,6 +73,11 @@ def _load_model(options: DemoOptions) -> ZooModel:
     return load_tiny_model() if options.smoke else load_smollm2()
 
 
+def _stage(console, text: str):
+    """A spinner while a step without its own progress bar runs (nothing when silent)."""
+    return console.status(text) if console is not None else contextlib.nullcontext()
+
+
 def run_demo(options: DemoOptions | None = None, console=None, compressor: Callable = compress_collection) -> dict:
     """Runs the demo and returns its report (also printed to `console` if given).
 
@@ -89,7 +95,8 @@ def run_demo(options: DemoOptions | None = None, console=None, compressor: Calla
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    zoo = _load_model(options)
+    with _stage(console, "loading the base model"):
+        zoo = _load_model(options)
     timings["load_model_s"] = time.perf_counter() - start
     say(f"base model {zoo.model_id} loaded in {timings['load_model_s']:.1f}s")
 
@@ -108,7 +115,8 @@ def run_demo(options: DemoOptions | None = None, console=None, compressor: Calla
     with tempfile.TemporaryDirectory(prefix="peft-jd-demo-") as scratch:
         out_dir = Path(options.work_dir or scratch) / f"{options.method}-r{options.rank}-c{options.clusters}"
         start = time.perf_counter()
-        compressor(loras, out_dir, options.method, options.rank, options.clusters)
+        with _stage(console, f"compressing {len(loras)} LoRAs with {options.method}"):
+            compressor(loras, out_dir, options.method, options.rank, options.clusters)
         timings["compress_s"] = time.perf_counter() - start
         say(
             f"compressed {len(loras)} LoRAs with {options.method} (rank {options.rank}, {options.clusters} "
