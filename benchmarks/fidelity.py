@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from fidelity_report import update_results, write_markdown, write_plot
+from fidelity_report import closing_note, update_results, write_markdown, write_plot
 
 from peft_jd.zoo.collection import (
     compress_collection,
@@ -302,9 +302,8 @@ def main(argv=None) -> int:
     table = write_markdown(report, args.out_dir / "fidelity.md")
     plot = write_plot(report, args.out_dir / "fidelity.png")
     if args.results_md:
-        update_results(
-            args.results_md, table, plot, command=" ".join(["python benchmarks/fidelity.py", *sys.argv[1:]])
-        )
+        command = " ".join(["python benchmarks/fidelity.py", *(sys.argv[1:] if argv is None else argv)])
+        update_results(args.results_md, table, plot, command, closing=closing_note(report))
     print(json.dumps(report, indent=2))
     return 0
 

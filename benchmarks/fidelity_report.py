@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 BEGIN, END = "<!-- fidelity:begin -->", "<!-- fidelity:end -->"
+HEADLINE_BEGIN, HEADLINE_END = "<!-- headline:begin -->", "<!-- headline:end -->"
 TARGET_RETENTION, TARGET_RATIO = 0.99, 10.0
 
 
@@ -83,6 +84,11 @@ def falloff(report: dict) -> list[str]:
         )
         lines.append(f"- JD-Full rank {rank}, 1 cluster, by collection size: {trend}.")
     return lines
+
+
+def closing_note(report: dict) -> str:
+    """The headline sentence followed by the fall-off bullets (the closing note of docs/results.md)."""
+    return "\n".join([headline(report), "", *falloff(report)])
 
 
 def markdown(report: dict) -> str:
@@ -183,16 +189,24 @@ def write_plot(report: dict, path: Path) -> Path | None:
     return path
 
 
-def update_results(results_md: Path, table: str, plot: Path | None, command: str) -> None:
-    """Replaces the text between the fidelity markers of `results_md` with the new table and plot."""
+def _replace_between(text: str, begin: str, end: str, body: str) -> str:
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + body + end + rest.split(end, 1)[1]
+
+
+def update_results(results_md: Path, table: str, plot: Path | None, command: str, closing: str | None = None) -> None:
+    """Replaces the fidelity section of `results_md` with the new table and plot, and the headline section (if the
+    page has one) with `closing`.
+    """
     results_md = Path(results_md)
     text = results_md.read_text(encoding="utf-8") if results_md.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise ValueError(f"{results_md} lacks the {BEGIN} … {END} markers; add them where the figures should go.")
     image = f"\n![fidelity]({os.path.relpath(plot, results_md.parent)})\n" if plot is not None else ""
-    section = f"{BEGIN}\nProduced by `{command}`.\n\n{table}{image}{END}"
-    head, rest = text.split(BEGIN, 1)
-    _atomic_write(results_md, head + section + rest.split(END, 1)[1])
+    text = _replace_between(text, BEGIN, END, f"Produced by `{command}`.\n\n{table}{image}")
+    if closing is not None and HEADLINE_BEGIN in text and HEADLINE_END in text:
+        text = _replace_between(text, HEADLINE_BEGIN, HEADLINE_END, closing.rstrip() + "\n")
+    _atomic_write(results_md, text)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -28,7 +28,10 @@ def single_thread():
 def test_fidelity_smoke_run_writes_json_table_plot_and_results_section(tmp_path, monkeypatch):
     monkeypatch.setattr(fidelity, "compress_collection", exact_jd)
     results = tmp_path / "results.md"
-    results.write_text("# Results\n\nintro\n\n<!-- fidelity:begin -->\nold\n<!-- fidelity:end -->\n\noutro\n")
+    results.write_text(
+        "# Results\n\nintro\n\n<!-- fidelity:begin -->\nold\n<!-- fidelity:end -->\n\noutro\n"
+        "<!-- headline:begin -->\nold headline\n<!-- headline:end -->\n"
+    )
     argv = [
         "--smoke",
         "--methods",
@@ -66,8 +69,9 @@ def test_fidelity_smoke_run_writes_json_table_plot_and_results_section(tmp_path,
     )
     assert (tmp_path / "out" / "fidelity.png").stat().st_size > 1000
     text = results.read_text()
-    assert text.startswith("# Results\n\nintro\n") and text.endswith("<!-- fidelity:end -->\n\noutro\n")
-    assert "old" not in text and "| jd-full | 12 | 1 | 3 |" in text and "![fidelity](out/fidelity.png)" in text
+    assert text.startswith("# Results\n\nintro\n") and "<!-- fidelity:end -->\n\noutro\n" in text
+    assert "old" not in text and "<!-- headline:begin -->\n3 LoRAs on tiny-llama" in text
+    assert "--ranks 12" in text and "| jd-full | 12 | 1 | 3 |" in text and "![fidelity](out/fidelity.png)" in text
 
 
 def _row(method, rank, clusters, retention, ratio, n=40):

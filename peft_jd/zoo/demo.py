@@ -220,7 +220,7 @@ def render(report: dict, console) -> None:
     options = report["options"]
     table = Table(
         title=f"{len(report['per_task'])} LoRAs on {options['model']}: exact match on the test splits "
-        f"({options['test_per_task']} per task)"
+        f"({min(t['n'] for t in report['per_task'].values())} per task)"
     )
     for column in ("task", "base", "LoRA", options["method"], "JD = LoRA", "err²"):
         table.add_column(column, justify="left" if column == "task" else "right")
