@@ -11,41 +11,38 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .errors import AdapterFormatError
-from .format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, check_finite, module_key_from_sigma_key
+from .format import ADAPTER_WEIGHTS_NAME, check_finite, module_key_from_sigma_key
 from .tuner.config import JDLoraConfig
 
 
-def _local_adapter_dir(source: str, revision: Optional[str], **hub_kwargs) -> str:
-    if os.path.isdir(source):
-        return source
-    from huggingface_hub import snapshot_download
+def _read_adapter(
+    source: str, revision: Optional[str], hub_kwargs: dict, subfolder: Optional[str] = None
+) -> tuple[JDLoraConfig, dict]:
+    """Config (relative `bases` resolved) and Σ tensors of one sigma adapter, local or on the Hub."""
+    local_dir = os.path.join(source, subfolder or "")
+    if os.path.isdir(local_dir):
+        weights_path = os.path.join(local_dir, ADAPTER_WEIGHTS_NAME)
+        if not os.path.isfile(weights_path):
+            raise AdapterFormatError(f"adapter {local_dir!r}: {ADAPTER_WEIGHTS_NAME} is missing.")
+        config = JDLoraConfig.from_pretrained(source, subfolder=subfolder)
+    else:
+        from huggingface_hub import hf_hub_download
 
-    return snapshot_download(
-        source,
-        revision=revision,
-        allow_patterns=[ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "README.md"],
-        **hub_kwargs,
-    )
-
-
-def _read_adapter(source: str, revision: Optional[str], hub_kwargs: dict) -> tuple[JDLoraConfig, dict]:
-    directory = _local_adapter_dir(source, revision, **hub_kwargs)
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
-    if not os.path.isfile(weights_path):
-        raise AdapterFormatError(f"adapter {source!r}: {ADAPTER_WEIGHTS_NAME} is missing in {directory}.")
-    # Hub adapters are read through their repo id so that relative `bases` resolve inside the repo.
-    config = (
-        JDLoraConfig.from_pretrained(source)
-        if os.path.isdir(source)
-        else JDLoraConfig.from_pretrained(source, revision=revision, **hub_kwargs)
-    )
+        weights_path = hf_hub_download(
+            source, ADAPTER_WEIGHTS_NAME, subfolder=subfolder, revision=revision, **hub_kwargs
+        )
+        # Read through the repo id so that relative `bases` resolve inside the repo.
+        config = JDLoraConfig.from_pretrained(source, subfolder=subfolder, revision=revision, **hub_kwargs)
+    where = source if not subfolder else f"{source}/{subfolder}"
     sigmas = {module_key_from_sigma_key(k): v for k, v in load_file(weights_path).items()}
     for module_key, sigma in sigmas.items():
-        check_finite(sigma, f"adapter {source!r}, Σ of module {module_key}")
+        check_finite(sigma, f"adapter {where!r}, Σ of module {module_key}")
     return config, sigmas
 
 
-def _default_name(source: str) -> str:
+def _default_name(source: str, subfolder: Optional[str]) -> str:
+    if subfolder:
+        return os.path.basename(os.path.normpath(subfolder))
     return os.path.basename(os.path.normpath(source)) if os.path.isdir(source) else source
 
 
@@ -57,6 +54,7 @@ def load_adapters(
     max_workers: int = 8,
     progress: bool = True,
     chunk_size: int = 256,
+    subfolders: Optional[Sequence[Optional[str]]] = None,
     **hub_kwargs,
 ) -> list[str]:
     """Loads many JD-LoRA sigma adapters into a model that already holds one adapter of the same collection.
@@ -73,7 +71,9 @@ def load_adapters(
         max_workers: Threads reading adapter files.
         progress: Show a progress bar.
         chunk_size: Adapters validated and written together (bounds the Σ held in memory at once).
-        hub_kwargs: Passed to `huggingface_hub.snapshot_download` (`token`, `cache_dir`, …).
+        subfolders: Per source, the adapter's folder inside it (e.g. `"adapters/task-17"` for a collection repo
+            holding bases and adapters); names then default to the folder's last component.
+        hub_kwargs: Passed to `huggingface_hub.hf_hub_download` (`token`, `cache_dir`, …).
 
     Returns:
         The names of the loaded adapters.
@@ -86,9 +86,11 @@ def load_adapters(
             "load_adapters needs a PeftModel holding a JD-LoRA adapter; load one with "
             "PeftModel.from_pretrained(base_model, adapter) first."
         )
-    names = list(adapter_names) if adapter_names is not None else [_default_name(s) for s in sources]
-    if len(names) != len(sources):
-        raise ValueError(f"got {len(sources)} sources but {len(names)} adapter_names.")
+    sources = list(sources)
+    folders = list(subfolders) if subfolders is not None else [None] * len(sources)
+    names = list(adapter_names) if adapter_names is not None else list(map(_default_name, sources, folders))
+    if not len(names) == len(sources) == len(folders):
+        raise ValueError(f"got {len(sources)} sources, {len(names)} adapter_names and {len(folders)} subfolders.")
     duplicates = sorted({n for n in names if n in tuner.peft_config} | {n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(
@@ -100,7 +102,8 @@ def load_adapters(
         for start in range(0, len(names), chunk_size):
             chunk_names = names[start : start + chunk_size]
             chunk_sources = sources[start : start + chunk_size]
-            read = list(pool.map(lambda s: _read_adapter(s, revision, hub_kwargs), chunk_sources))
+            chunk_folders = folders[start : start + chunk_size]
+            read = list(pool.map(lambda s, f: _read_adapter(s, revision, hub_kwargs, f), chunk_sources, chunk_folders))
             _add_adapters(tuner, layers, chunk_names, chunk_sources, read)
             progress_bar.update(len(chunk_names))
     progress_bar.close()

@@ -111,7 +111,11 @@ def to_lora(model, adapter_name: str = "default", dtype: torch.dtype = torch.flo
 
 
 def export_adapter_to_lora(
-    adapter: str, revision: Optional[str] = None, dtype: torch.dtype = torch.float32, **hub_kwargs
+    adapter: str,
+    revision: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    subfolder: Optional[str] = None,
+    **hub_kwargs,
 ) -> LoraExport:
     """Exports a sigma adapter from its files (no base model needed) as an exact rank-r PEFT LoRA.
 
@@ -119,12 +123,13 @@ def export_adapter_to_lora(
         adapter: Sigma adapter directory or Hub repo id.
         revision: Hub revision of the adapter.
         dtype: dtype of the exported factors.
+        subfolder: Folder of the adapter inside `adapter` (collection repos).
         hub_kwargs: Passed to huggingface_hub downloads (`token`, `cache_dir`, …).
     """
     from .bases_store import load_shared_bases
     from .bulk import _read_adapter
 
-    config, sigmas = _read_adapter(adapter, revision, hub_kwargs)
+    config, sigmas = _read_adapter(adapter, revision, hub_kwargs, subfolder)
     shared = load_shared_bases(
         config.bases, config.bases_revision, config.bases_subfolder, config.bases_fingerprint, adapter, **hub_kwargs
     )

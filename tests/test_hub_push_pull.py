@@ -79,15 +79,23 @@ def _check_mixed_batch(model, data, names: list[str], adapters: list[str | None]
     """Mixed-batch forward and greedy generate match the merged-weights reference row by row."""
     with torch.no_grad():
         logits = model(input_ids=INPUT_IDS, adapter_names=names).logits
-        generated = model.generate(input_ids=INPUT_IDS, attention_mask=torch.ones_like(INPUT_IDS),
-                                   adapter_names=names, max_new_tokens=4, do_sample=False)
+        generated = model.generate(
+            input_ids=INPUT_IDS,
+            attention_mask=torch.ones_like(INPUT_IDS),
+            adapter_names=names,
+            max_new_tokens=4,
+            do_sample=False,
+        )
         for row, adapter in enumerate(adapters):
             reference = _reference_model(data, adapter)
             expected = reference(input_ids=INPUT_IDS[row : row + 1]).logits[0]
             torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
-            expected_tokens = reference.generate(input_ids=INPUT_IDS[row : row + 1], max_new_tokens=4,
-                                                 attention_mask=torch.ones_like(INPUT_IDS[row : row + 1]),
-                                                 do_sample=False)
+            expected_tokens = reference.generate(
+                input_ids=INPUT_IDS[row : row + 1],
+                max_new_tokens=4,
+                attention_mask=torch.ones_like(INPUT_IDS[row : row + 1]),
+                do_sample=False,
+            )
             assert generated[row].tolist() == expected_tokens[0].tolist()
 
 
@@ -107,8 +115,11 @@ def test_push_pull_from_pretrained_mixed_generate(hub, collection, layout):
         repo_id, subfolder = _location(layout, name)
         config = json.loads(hub.file_bytes(repo_id, f"{subfolder + '/' if subfolder else ''}adapter_config.json"))
         expected_bases = "org/bases" if layout == "repos" else "../../bases"
-        assert (config["bases"], config["bases_revision"], config["bases_subfolder"]) == \
-            (expected_bases, result.bases_revision, None)
+        assert (config["bases"], config["bases_revision"], config["bases_subfolder"]) == (
+            expected_bases,
+            result.bases_revision,
+            None,
+        )
         assert config["bases_fingerprint"] == data["fingerprint"]
 
     pulled = pull_adapter(*_location(layout, "task-0")[:1], subfolder=_location(layout, "task-0")[1])
@@ -120,11 +131,13 @@ def test_push_pull_from_pretrained_mixed_generate(hub, collection, layout):
     if layout == "repos":
         loaded = peft_jd.load_adapters(model, ["org/task-1-jd", "org/task-2-jd"], progress=False)
     else:
-        for name in ("task-1", "task-2"):
-            model.load_adapter("org/collection", adapter_name=name, subfolder=f"adapters/{name}")
-        loaded = ["task-1", "task-2"]
-    _check_mixed_batch(model, data, ["default", loaded[1], "__base__", loaded[0]],
-                       ["task-0", "task-2", None, "task-1"])
+        model.load_adapter("org/collection", adapter_name="task-1", subfolder="adapters/task-1")
+        loaded = ["task-1"] + peft_jd.load_adapters(
+            model, ["org/collection"], subfolders=["adapters/task-2"], progress=False
+        )
+    _check_mixed_batch(
+        model, data, ["default", loaded[1], "__base__", loaded[0]], ["task-0", "task-2", None, "task-1"]
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -150,8 +163,11 @@ def test_interrupted_push_resumes(hub, collection):
     assert "jd_collection.json" not in hub.repo("org/bases").resolve("main").files
     resumed = _push(root, "repos")
     assert resumed.uploaded == ["task-1"] and not resumed.bases_uploaded
-    assert sorted(json.loads(hub.file_bytes("org/bases", "jd_collection.json"))["adapters"]) == \
-        ["task-0", "task-1", "task-2"]
+    assert sorted(json.loads(hub.file_bytes("org/bases", "jd_collection.json"))["adapters"]) == [
+        "task-0",
+        "task-1",
+        "task-2",
+    ]
 
 
 def test_interrupted_single_repo_push_resumes(hub, collection):
@@ -182,9 +198,16 @@ def test_push_after_add_uploads_only_new_adapter(hub, collection, layout, tmp_pa
     shutil.copytree(root, copy)
     first = _push(copy, layout)
     bases = BasesConfig.from_file(copy / "bases" / "jd_bases_config.json")
-    config = JDLoraConfig(r=4, sigma_type="full", target_modules=["q_proj", "k_proj", "v_proj"], bases="../../bases",
-                          bases_fingerprint=bases.fingerprint, cluster=1, base_model_name_or_path="tiny-llama",
-                          task_type="CAUSAL_LM")
+    config = JDLoraConfig(
+        r=4,
+        sigma_type="full",
+        target_modules=["q_proj", "k_proj", "v_proj"],
+        bases="../../bases",
+        bases_fingerprint=bases.fingerprint,
+        cluster=1,
+        base_model_name_or_path="tiny-llama",
+        task_type="CAUSAL_LM",
+    )
     write_sigma_adapter(copy / "adapters" / "task-3", data["sigmas"]["task-1"], config)
     second = _push(copy, layout)
     assert second.uploaded == ["task-3"] and not second.bases_uploaded
@@ -247,9 +270,14 @@ def test_unpinned_adapter_uses_current_bases_commit(hub, collection, caplog):
     api = HfApi()
     api.create_repo("org/hand-made")
     weights = str(root / "adapters" / "task-0" / "adapter_model.safetensors")
-    api.create_commit("org/hand-made", [CommitOperationAdd("adapter_config.json", json.dumps(config).encode()),
-                                        CommitOperationAdd("adapter_model.safetensors", weights)],
-                      commit_message="uploaded by hand")
+    api.create_commit(
+        "org/hand-made",
+        [
+            CommitOperationAdd("adapter_config.json", json.dumps(config).encode()),
+            CommitOperationAdd("adapter_model.safetensors", weights),
+        ],
+        commit_message="uploaded by hand",
+    )
     pulled = pull_adapter("org/hand-made")
     assert pulled.bases_revision == hub.head("org/bases") != result.bases_revision
     assert pulled.fingerprint == data["fingerprint"] and "does not pin its bases revision" in caplog.text
@@ -262,8 +290,11 @@ def test_bases_integrity_is_checked(hub, collection, tmp_path):
     # An adapter whose recorded fingerprint disagrees with the bases it pins is refused.
     config = json.loads(hub.file_bytes("org/task-1-jd", "adapter_config.json"))
     config["bases_fingerprint"] = "0" * 64
-    HfApi().create_commit("org/task-1-jd", [CommitOperationAdd("adapter_config.json", json.dumps(config).encode())],
-                          commit_message="tamper")
+    HfApi().create_commit(
+        "org/task-1-jd",
+        [CommitOperationAdd("adapter_config.json", json.dumps(config).encode())],
+        commit_message="tamper",
+    )
     with pytest.raises(BasesMismatchError, match="records 000000000000"):
         pull_adapter("org/task-1-jd")
     # A corrupted cache file is detected, not loaded.
@@ -285,8 +316,11 @@ def test_network_failure_mid_pull_leaves_nothing_and_retry_works(hub, collection
     hub.inject_fault("GET", r"jd_bases\.safetensors$", "truncate")
     pulled = pull_adapter("org/task-0-jd", local_dir=local)
     assert pulled.fingerprint == data["fingerprint"]
-    assert [r.status for r in hub.requests if r.method == "GET" and r.path.endswith(BASES_WEIGHTS_NAME)] == \
-        [500, 200, 200]
+    assert [r.status for r in hub.requests if r.method == "GET" and r.path.endswith(BASES_WEIGHTS_NAME)] == [
+        500,
+        200,
+        200,
+    ]
     assert (local / "adapters" / "task-0-jd" / "adapter_model.safetensors").is_file()
 
 
@@ -340,8 +374,11 @@ def test_cards_listing_and_report(hub, collection, layout):
 
     listing = list_collection(index_repo)
     assert listing.layout == layout and listing.bases["revision"] == result.bases_revision
-    assert [(a.name, a.cluster, a.figures.get("rel_error")) for a in listing.adapters] == \
-        [("task-0", 0, 0.125), ("task-1", 1, 0.25), ("task-2", 0, 0.5)]
+    assert [(a.name, a.cluster, a.figures.get("rel_error")) for a in listing.adapters] == [
+        ("task-0", 0, 0.125),
+        ("task-1", 1, 0.25),
+        ("task-2", 0, 0.5),
+    ]
     assert listing.failures == {"task-9": "lora_A of q_proj holds NaN"}
     if layout == "repos":
         single = list_collection("org/task-0-jd")
