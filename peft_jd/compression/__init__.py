@@ -1,0 +1,34 @@
+"""Joint compression of LoRA collections (JD-Full, JD-Diag, clustering, SVD baseline) into JD-LoRA collections.
+
+```py
+>>> from peft_jd.compression import compress, add_adapters
+>>> report = compress(["loras/a", "loras/b", "org/lora-c@main"], "collection/", method="jd-full", rank=16)
+>>> report.mean_err2, report.sizes["compression_ratio"]
+>>> add_adapters("collection/", ["loras/new"])
+```
+"""
+
+from .algorithms import METHODS, ModuleResult, compress_stack, project_stack
+from .engine import compress
+from .incremental import add_adapters
+from .lora_io import HubOptions, LoraAdapter, load_adapter, load_adapters
+from .report import CompressionReport
+from .stack import CanonicalStack, read_module_stack, stack_from_factors
+
+
+__all__ = [
+    "METHODS",
+    "CanonicalStack",
+    "CompressionReport",
+    "HubOptions",
+    "LoraAdapter",
+    "ModuleResult",
+    "add_adapters",
+    "compress",
+    "compress_stack",
+    "load_adapter",
+    "load_adapters",
+    "project_stack",
+    "read_module_stack",
+    "stack_from_factors",
+]

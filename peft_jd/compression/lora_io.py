@@ -1,0 +1,396 @@
+"""Reading standard PEFT LoRA adapters lazily: one (layer, module) at a time, from `adapter_model.safetensors`.
+
+An adapter is given as a local directory, a Hub repo id (`owner/name`, optionally `owner/name/sub/folder` and
+`@revision`), optionally prefixed by `NAME=` to choose its name in the collection. A plain text file lists such
+specs, one per line (`#` starts a comment).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..errors import AdapterFormatError, BaseModelMismatchError, ShapeMismatchError
+from ..format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX
+
+
+_LORA_A_SUFFIX = ".lora_A.weight"
+_LORA_B_SUFFIX = ".lora_B.weight"
+# LoRA variants whose saved factors are not a plain additive update of the original base weight.
+_UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """How Hub adapters are fetched (passed to `huggingface_hub.hf_hub_download`).
+
+    Args:
+        revision: Default revision for specs without `@revision`.
+        token: Hub token (`None`: the logged-in token, if any).
+        cache_dir: Hub cache directory.
+        local_files_only: Never touch the network; use the cache only.
+    """
+
+    revision: str | None = None
+    token: str | bool | None = None
+    cache_dir: str | os.PathLike | None = None
+    local_files_only: bool = False
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """Shape of one LoRA module: `lora_A` is `(rank, in_features)`, `lora_B` is `(out_features, rank)`."""
+
+    rank: int
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class LoraAdapter:
+    """One PEFT LoRA adapter, resolved to local files, with its header scanned (no tensor data read yet).
+
+    Args:
+        name: Name of the adapter in the collection (its sigma adapter folder name).
+        source: The spec the user gave.
+        weights_path: Local path of `adapter_model.safetensors`.
+        config: Content of `adapter_config.json`.
+        modules: Per module key, the LoRA shapes.
+        revision: Hub revision the files were fetched at (`None` for local adapters).
+    """
+
+    name: str
+    source: str
+    weights_path: Path
+    config: dict[str, Any]
+    modules: dict[str, ModuleShape] = field(default_factory=dict)
+    revision: str | None = None
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def task_type(self) -> str | None:
+        return self.config.get("task_type")
+
+    def scaling(self, module_key: str) -> float:
+        """PEFT's scaling of `module_key`: `lora_alpha / r`, or `lora_alpha / sqrt(r)` for rsLoRA, with patterns."""
+        from peft.utils.other import get_pattern_key
+
+        rank_pattern = self.config.get("rank_pattern") or {}
+        alpha_pattern = self.config.get("alpha_pattern") or {}
+        rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module_key), self.config["r"])
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module_key), self.config["lora_alpha"])
+        if rank != self.modules[module_key].rank:
+            raise AdapterFormatError(
+                f"{self.weights_path}: module {module_key} has lora_A with {self.modules[module_key].rank} rows but "
+                f"adapter_config.json says r={rank}; the config does not belong to these weights."
+            )
+        return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+
+    def lora_params(self) -> int:
+        """Number of LoRA parameters (all modules)."""
+        return sum(m.rank * (m.in_features + m.out_features) for m in self.modules.values())
+
+    def read_module(self, module_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reads `(lora_A, lora_B)` of one module in fp32, checked for NaN/inf; scaling is *not* applied."""
+        prefix = f"{PEFT_KEY_PREFIX}{module_key}"
+        try:
+            with safe_open(self.weights_path, framework="pt") as handle:
+                lora_a = handle.get_tensor(prefix + _LORA_A_SUFFIX)
+                lora_b = handle.get_tensor(prefix + _LORA_B_SUFFIX)
+        except FileNotFoundError:
+            raise AdapterFormatError(
+                f"adapter {self.name!r}: {self.weights_path} disappeared while compressing; restore it and rerun "
+                "(finished modules are resumed)."
+            ) from None
+        for tensor, which in ((lora_a, "lora_A"), (lora_b, "lora_B")):
+            if not torch.isfinite(tensor).all():
+                raise AdapterFormatError(
+                    f"{self.weights_path}: {which} of module {module_key} contains NaN or inf values; the file is "
+                    "corrupt or training diverged. Remove this adapter from the collection or retrain it."
+                )
+        return lora_a.float(), lora_b.float()
+
+
+# ------------------------------------------------------------------------------------------------ spec parsing
+def expand_specs(specs: Iterable[str | os.PathLike]) -> list[str]:
+    """Expands list files (plain text, one spec per line) into specs; directories and Hub ids pass through."""
+    expanded: list[str] = []
+    for spec in specs:
+        spec = os.fspath(spec)
+        path = Path(spec.split("=", 1)[1] if _has_name_prefix(spec) else spec)
+        if path.is_file() and path.name not in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    expanded.append(line)
+        else:
+            expanded.append(spec)
+    if not expanded:
+        raise ValueError("no adapters given: pass LoRA directories, Hub repo ids, or a text file listing them.")
+    return expanded
+
+
+def _has_name_prefix(spec: str) -> bool:
+    head = spec.split("=", 1)[0]
+    return "=" in spec and bool(_NAME_PATTERN.match(head)) and "/" not in head
+
+
+def _split_spec(spec: str) -> tuple[str | None, str, str | None]:
+    """`[NAME=]SOURCE[@REVISION]` → (name, source, revision)."""
+    name = None
+    if _has_name_prefix(spec):
+        name, spec = spec.split("=", 1)
+    revision = None
+    if "@" in spec and not os.path.exists(spec):
+        spec, revision = spec.rsplit("@", 1)
+    return name, spec, revision
+
+
+def _default_name(source: str) -> str:
+    return Path(source.rstrip("/\\")).name
+
+
+def _hub_files(source: str, revision: str | None, hub: HubOptions) -> tuple[Path, Path]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    parts = source.strip("/").split("/")
+    if len(parts) < 2:
+        raise FileNotFoundError(
+            f"adapter {source!r}: no such directory, and it is not a Hub repo id (owner/name). Check the path."
+        )
+    repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    kwargs = dict(subfolder=subfolder, revision=revision, token=hub.token, cache_dir=hub.cache_dir,
+                  local_files_only=hub.local_files_only)
+    try:
+        config_path = hf_hub_download(repo_id, ADAPTER_CONFIG_NAME, **kwargs)
+        weights_path = hf_hub_download(repo_id, ADAPTER_WEIGHTS_NAME, **kwargs)
+    except RevisionNotFoundError as exc:
+        raise FileNotFoundError(f"adapter {source!r}: Hub repo {repo_id!r} has no revision {revision!r}.") from exc
+    except RepositoryNotFoundError as exc:
+        raise FileNotFoundError(
+            f"adapter {source!r}: not a local directory and Hub repo {repo_id!r} was not found (or your token cannot "
+            "read it). Check the path, or log in with `hf auth login`."
+        ) from exc
+    except EntryNotFoundError as exc:
+        raise FileNotFoundError(
+            f"adapter {source!r}: Hub repo {repo_id!r} has no {subfolder + '/' if subfolder else ''}"
+            f"{ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME}; it is not a PEFT LoRA in safetensors format."
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        raise FileNotFoundError(
+            f"adapter {source!r}: not a local directory and not in the Hub cache (offline mode). Download it first or "
+            "drop --local-files-only."
+        ) from exc
+    except HFValidationError as exc:
+        raise FileNotFoundError(f"adapter {source!r}: no such directory, and not a valid Hub repo id.") from exc
+    return Path(config_path), Path(weights_path)
+
+
+def _local_files(directory: Path, source: str) -> tuple[Path, Path]:
+    config_path = directory / ADAPTER_CONFIG_NAME
+    weights_path = directory / ADAPTER_WEIGHTS_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"adapter {source!r}: {config_path} is missing; this is not a PEFT adapter folder.")
+    if not weights_path.is_file():
+        has_bin = (directory / "adapter_model.bin").exists()
+        hint = " (only adapter_model.bin: convert it to safetensors)" if has_bin else ""
+        raise FileNotFoundError(f"adapter {source!r}: {weights_path} is missing{hint}.")
+    return config_path, weights_path
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _check_config(config: dict[str, Any], config_path: Path) -> None:
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise AdapterFormatError(
+            f"{config_path}: peft_type is {peft_type or 'missing'!r}; only LoRA adapters can be compressed."
+        )
+    problems = []
+    if config.get("use_dora"):
+        problems.append("DoRA (use_dora=True) has a magnitude vector that is not a low-rank update")
+    if config.get("lora_bias"):
+        problems.append("lora_bias=True adds a bias that is not a low-rank update")
+    if config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out=True (Conv1D layers) is not supported by JD-LoRA (nn.Linear only)")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save={config['modules_to_save']} holds full weights that JD-LoRA cannot carry")
+    if config.get("target_parameters"):
+        problems.append("target_parameters (LoRA on raw parameters) is not supported")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
+        problems.append(f"init_lora_weights={init!r} changes the base weights; convert the adapter to a plain LoRA")
+    if problems:
+        raise AdapterFormatError(f"{config_path}: cannot compress this adapter: " + "; ".join(problems) + ".")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            raise AdapterFormatError(f"{config_path}: {key} is {config.get(key)!r}; expected a positive number.")
+
+
+def _scan_modules(weights_path: Path) -> dict[str, ModuleShape]:
+    try:
+        with safe_open(weights_path, framework="pt") as handle:
+            header = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own SafetensorError for truncated or foreign files
+        raise AdapterFormatError(f"{weights_path}: not a readable safetensors file ({exc}).") from exc
+    shapes: dict[str, dict[str, list[int]]] = {}
+    for key, shape in header.items():
+        for suffix, which in ((_LORA_A_SUFFIX, "A"), (_LORA_B_SUFFIX, "B")):
+            if key.startswith(PEFT_KEY_PREFIX) and key.endswith(suffix):
+                shapes.setdefault(key[len(PEFT_KEY_PREFIX) : -len(suffix)], {})[which] = shape
+                break
+        else:
+            raise AdapterFormatError(
+                f"{weights_path}: unexpected tensor {key!r}; only plain LoRA factors (lora_A/lora_B weights of "
+                "linear layers) can be compressed (no DoRA, embeddings, biases or modules_to_save)."
+            )
+    modules = {}
+    for module_key, pair in sorted(shapes.items()):
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "B" not in pair else "lora_A"
+            raise AdapterFormatError(f"{weights_path}: module {module_key} has no {missing} tensor.")
+        (rank, in_features), (out_features, rank_b) = pair["A"], pair["B"]
+        if rank != rank_b:
+            raise AdapterFormatError(
+                f"{weights_path}: module {module_key} has lora_A rank {rank} but lora_B rank {rank_b}."
+            )
+        if rank > min(in_features, out_features):
+            raise ShapeMismatchError(
+                f"{weights_path}: module {module_key} has rank {rank} > min(in_features={in_features}, "
+                f"out_features={out_features}); such a LoRA is not low-rank. Retrain it with a smaller r."
+            )
+        modules[module_key] = ModuleShape(rank=rank, in_features=in_features, out_features=out_features)
+    if not modules:
+        raise AdapterFormatError(f"{weights_path}: holds no LoRA tensors.")
+    return modules
+
+
+def load_adapter(spec: str, hub: HubOptions | None = None) -> LoraAdapter:
+    """Resolves one `[NAME=]SOURCE[@REVISION]` spec to local files and scans its header.
+
+    Args:
+        spec: Local directory or Hub repo id (optionally with subfolder, `@revision` and `NAME=` prefix).
+        hub: Hub download options.
+    """
+    hub = hub or HubOptions()
+    name, source, revision = _split_spec(spec)
+    directory = Path(source).expanduser()
+    if directory.is_dir():
+        config_path, weights_path = _local_files(directory, source)
+        revision = None
+    else:
+        revision = revision or hub.revision
+        config_path, weights_path = _hub_files(source, revision, hub)
+    name = name or _default_name(source)
+    if not _NAME_PATTERN.match(name):
+        raise ValueError(
+            f"adapter {source!r}: {name!r} cannot be used as an adapter (folder) name; give one with NAME={source}."
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AdapterFormatError(f"{config_path}: not valid JSON ({exc}).") from exc
+    _check_config(config, config_path)
+    adapter = LoraAdapter(name=name, source=spec, weights_path=weights_path, config=config, revision=revision,
+                          modules=_scan_modules(weights_path))
+    for module_key in adapter.modules:
+        adapter.scaling(module_key)  # validates ranks against the config
+    return adapter
+
+
+def _same_base(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return True
+    return a.rstrip("/").split("/")[-1].lower() == b.rstrip("/").split("/")[-1].lower()
+
+
+@dataclass
+class CollectionSpec:
+    """What all adapters of a collection share.
+
+    Args:
+        base_model_name_or_path: The common base model (first non-empty one).
+        module_shapes: Per module key, `(in_features, out_features)`.
+        target_modules: Module suffixes (e.g. `["k_proj", "q_proj", "v_proj"]`).
+        task_type: The common PEFT task type.
+    """
+
+    base_model_name_or_path: str | None
+    module_shapes: dict[str, tuple[int, int]]
+    target_modules: list[str]
+    task_type: str | None
+
+
+def check_collection(adapters: Sequence[LoraAdapter], reference: CollectionSpec | None = None) -> CollectionSpec:
+    """Checks that all adapters share base model, module keys and shapes (and match `reference` if given).
+
+    Raises:
+        BaseModelMismatchError, ShapeMismatchError, ValueError: naming the offending adapter file and the fix.
+    """
+    if not adapters:
+        raise ValueError("no adapters to compress.")
+    names: dict[str, str] = {}
+    for adapter in adapters:
+        if adapter.name in names:
+            raise ValueError(
+                f"two adapters are named {adapter.name!r} ({names[adapter.name]} and {adapter.source}); name them "
+                "with NAME=SOURCE."
+            )
+        names[adapter.name] = adapter.source
+    first = adapters[0]
+    base = reference.base_model_name_or_path if reference else None
+    base = base or next((a.base_model for a in adapters if a.base_model), None)
+    shapes = reference.module_shapes if reference else {k: (m.in_features, m.out_features)
+                                                         for k, m in first.modules.items()}
+    where = "the collection" if reference else f"{first.weights_path}"
+    for adapter in adapters:
+        if not _same_base(base, adapter.base_model):
+            raise BaseModelMismatchError(
+                f"{adapter.weights_path}: adapter {adapter.name!r} was trained on base model {adapter.base_model!r}, "
+                f"but {where} uses {base!r}. Compress adapters of one base model together."
+            )
+        keys = set(adapter.modules)
+        if keys != set(shapes):
+            extra, missing = sorted(keys - set(shapes)), sorted(set(shapes) - keys)
+            raise ShapeMismatchError(
+                f"{adapter.weights_path}: adapter {adapter.name!r} adapts other modules than {where}"
+                f" (extra: {extra[:3]}{'…' if len(extra) > 3 else ''}, missing: {missing[:3]}"
+                f"{'…' if len(missing) > 3 else ''}). All adapters must share target modules."
+            )
+        for module_key, shape in adapter.modules.items():
+            if (shape.in_features, shape.out_features) != tuple(shapes[module_key]):
+                raise ShapeMismatchError(
+                    f"{adapter.weights_path}: module {module_key} is {shape.in_features}→{shape.out_features} but "
+                    f"{where} has {shapes[module_key][0]}→{shapes[module_key][1]}; a different base model?"
+                )
+    task_types = {a.task_type for a in adapters if a.task_type}
+    if len(task_types) > 1:
+        raise ValueError(f"adapters have different task types {sorted(task_types)}; compress them separately.")
+    targets = sorted({key.rsplit(".", 1)[-1] for key in shapes})
+    task_type = reference.task_type if reference else next(iter(task_types), None)
+    return CollectionSpec(base_model_name_or_path=base, module_shapes=dict(shapes), target_modules=targets,
+                          task_type=task_type)
+
+
+def load_adapters(specs: Iterable[str | os.PathLike], hub: HubOptions | None = None) -> list[LoraAdapter]:
+    """Resolves all specs (expanding list files); see `load_adapter`."""
+    return [load_adapter(spec, hub) for spec in expand_specs(specs)]

@@ -1,0 +1,120 @@
+"""Resumable state of a compression run: one result file per finished module, next to the output folder.
+
+The work folder `.<OUT name>.peft-jd-work/` sits beside `OUT`; it is keyed by a hash of the settings and of the input
+files (path, size, mtime), so a rerun of the same command skips finished modules and any change starts afresh. The
+output folder itself is only created, atomically, once every module is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .algorithms import ModuleResult
+from .lora_io import LoraAdapter
+
+
+logger = logging.getLogger(__name__)
+STATE_NAME = "state.json"
+
+
+def work_dir_for(out_dir: str | os.PathLike) -> Path:
+    out_dir = Path(out_dir).absolute()
+    return out_dir.parent / f".{out_dir.name}.peft-jd-work"
+
+
+def inputs_fingerprint(adapters: list[LoraAdapter]) -> list[list[Any]]:
+    """Identity of the inputs: name, weights path, size and modification time of every adapter file."""
+    rows = []
+    for adapter in adapters:
+        stat = adapter.weights_path.stat()
+        rows.append([adapter.name, str(adapter.weights_path.resolve()), stat.st_size, stat.st_mtime_ns])
+    return rows
+
+
+def _file_name(index: int, module_key: str) -> str:
+    return f"{index:05d}-{re.sub(r'[^A-Za-z0-9._-]', '_', module_key)}.safetensors"
+
+
+class WorkDir:
+    """Finished modules of one run.
+
+    Args:
+        out_dir: The final output folder.
+        key_data: Settings and input identity; the state is reused only if they are identical.
+        resume: Reuse matching state (otherwise always start afresh).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, key_data: dict[str, Any], resume: bool = True):
+        self.path = work_dir_for(out_dir)
+        self.key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()
+        state_path = self.path / STATE_NAME
+        if self.path.exists():
+            previous = None
+            if state_path.is_file():
+                try:
+                    previous = json.loads(state_path.read_text(encoding="utf-8")).get("key")
+                except json.JSONDecodeError:
+                    previous = None
+            if resume and previous == self.key:
+                logger.info("resuming from %s (%d modules done)", self.path, len(self._finished()))
+            else:
+                if previous is not None:
+                    logger.warning("discarding earlier partial run in %s (other settings or inputs)", self.path)
+                shutil.rmtree(self.path)
+        (self.path / "modules").mkdir(parents=True, exist_ok=True)
+        if not state_path.is_file():
+            state_path.write_text(json.dumps({"key": self.key, "settings": key_data}, default=str), encoding="utf-8")
+
+    def _finished(self) -> list[Path]:
+        return sorted((self.path / "modules").glob("*.safetensors"))
+
+    def module_path(self, index: int, module_key: str) -> Path:
+        return self.path / "modules" / _file_name(index, module_key)
+
+    def done(self, index: int, module_key: str) -> bool:
+        return self.module_path(index, module_key).is_file()
+
+    def save(self, index: int, module_key: str, result: ModuleResult, info: dict[str, Any]) -> None:
+        """Stores one module's result atomically (temporary file + rename)."""
+        tensors = {
+            "U": result.U.contiguous(),
+            "V": result.V.contiguous(),
+            "sigma": result.sigma.float().contiguous(),
+            "cluster": result.cluster.long().contiguous(),
+            "err2": result.err2.double().contiguous(),
+        }
+        target = self.module_path(index, module_key)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=target.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"module_key": module_key, "info": json.dumps(info)})
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def load(self, index: int, module_key: str, names: tuple[str, ...] = ("U", "V", "sigma", "cluster", "err2")
+             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Reads back the requested tensors and the info dict of one module."""
+        with safe_open(self.module_path(index, module_key), framework="pt") as handle:
+            metadata = handle.metadata()
+            if metadata.get("module_key") != module_key:
+                raise ValueError(f"{self.module_path(index, module_key)} holds {metadata.get('module_key')!r}.")
+            tensors = {name: handle.get_tensor(name) for name in names}
+        return tensors, json.loads(metadata["info"])
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
