@@ -381,3 +381,57 @@ def test_shard_process_is_patched_through_sitecustomize(tgi):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == str([True] * 6)
+
+
+PINNED_STACK = os.environ.get("PEFT_JD_TGI_PINNED_STACK")
+
+_PINNED_CHECK = """
+import json, os, pathlib, sys
+import peft, torch, transformers
+sys.path.insert(0, {tests!r})
+import tgi_patch
+tgi_patch.install()
+import test_tgi_integration as t
+from types import SimpleNamespace
+modules = SimpleNamespace(**{{name: __import__(path, fromlist=["_"]) for name, path in {modules!r}.items()}})
+modules.lora.punica_sgmv = modules.layers.punica_sgmv = t.PunicaStandIn
+root = pathlib.Path({root!r})
+refs = torch.load(root / "refs.pt")
+holder = t._tgi_model(modules, refs["weights"], modules.dist.FakeGroup(0, 1))
+index_map = t._load(modules, root, holder)
+errors = {{}}
+for prefill in (True, False):
+    n = 3 if prefill else 1
+    ids, meta = t._batch(modules, index_map, [("jd-0", n), ("plain", n), ("", n), ("jd-1", n)], prefill)
+    data = modules.weights.AdapterBatchData.from_meta(meta, holder.layer_to_adapter_weights, prefill, None)
+    inputs = t._inputs(len(ids))
+    for name, out in t._run_layers(modules, holder, data, inputs).items():
+        expected = t._reference(refs["weights"], refs["deltas"], ids, inputs, name)
+        errors[f"{{prefill}}-{{name}}"] = (out - expected).abs().max().item()
+print(json.dumps({{"versions": [transformers.__version__, peft.__version__], "errors": errors,
+                  "full_peft_jd": hasattr(sys.modules["peft_jd"], "load_adapters")}}))
+"""
+
+
+@pytest.mark.skipif(not PINNED_STACK, reason="set PEFT_JD_TGI_PINNED_STACK to a folder holding TGI 3.3.7's pinned "
+                                             "transformers/peft/huggingface_hub/kernels (pip install --target)")
+def test_patch_under_tgi_pinned_library_versions(tgi, adapters, tmp_path):
+    """The shard side with TGI's own transformers 4.51 / peft 0.14 (peft-jd installed with --no-deps in the image)."""
+    import json
+    import subprocess
+    import sys
+
+    root, deltas, weights = adapters
+    torch.save({"deltas": deltas, "weights": weights}, root / "refs.pt")
+    modules = {"models": "text_generation_server.models", "globals": "text_generation_server.models.globals",
+               "adapter": "text_generation_server.utils.adapter", "weights": "text_generation_server.adapters.weights",
+               "lora": "text_generation_server.adapters.lora", "layers": "text_generation_server.layers.lora",
+               "tp": "text_generation_server.layers.tensor_parallel", "linear": "text_generation_server.layers.linear",
+               "segments": "text_generation_server.utils.segments", "dist": "text_generation_server.utils.dist"}
+    code = _PINNED_CHECK.format(tests=os.path.dirname(os.path.abspath(__file__)), modules=modules, root=str(root))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PINNED_STACK, *sys.path]))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["versions"][1] != __import__("peft").__version__ and not report["full_peft_jd"]
+    assert max(report["errors"].values()) < 1e-4, report

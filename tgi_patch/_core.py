@@ -34,15 +34,15 @@ def _install_package_shell() -> ModuleType:
 def import_core(name: str) -> ModuleType:
     """Returns `peft_jd.<name>` for `name` in ("errors", "format", "bases_store", "kernels").
 
-    Falls back to a package shell when the full `peft_jd` package fails to import because of the PEFT/transformers
-    versions of the environment (TGI's image); any other import error is raised.
+    Falls back to a package shell when the full `peft_jd` package fails to import (in TGI's image: its PEFT and
+    transformers versions); errors of the serving modules themselves are raised.
     """
     if name not in _CORE_MODULES:
         raise ValueError(f"tgi_patch only uses the peft_jd modules {_CORE_MODULES}, not {name!r}")
     if "peft_jd" not in sys.modules:
         try:
             importlib.import_module("peft_jd")
-        except ImportError as exc:
+        except Exception as exc:  # noqa: BLE001 - an older PEFT fails in several ways (ImportError, AttributeError…)
             logger.info("peft_jd's PEFT tuner is unavailable here (%s); using its serving modules only.", exc)
             _install_package_shell()
     return importlib.import_module(f"peft_jd.{name}")

@@ -18,6 +18,7 @@ its functions; TGI's own behaviour is kept for everything that is not a JD adapt
 from __future__ import annotations
 
 import contextvars
+import itertools
 import logging
 import os
 from typing import Any, Optional
@@ -81,6 +82,13 @@ def patch_utils_adapter(module) -> None:
     module.load_module_map = load_module_map
 
 
+def _device_of(layer: Any):
+    """Device of a TGI layer without a plain weight (quantized layers keep packed weights as parameters or buffers)."""
+    for tensor in itertools.chain(layer.parameters(), layer.buffers()):
+        return tensor.device
+    raise import_core("errors").ShapeMismatchError(f"cannot tell the device of TGI layer {type(layer).__name__}")
+
+
 def describe_target(weight_name: str, layer: Any, layer_type: str, world_size: int) -> TargetLayer:
     """The `TargetLayer` of one TGI adapter layer, or an error when TGI's layer does not apply `layer_type`."""
     from text_generation_server.layers.lora import TensorParallelAdapterRowLinear, TensorParallelMultiAdapterLinear
@@ -88,7 +96,7 @@ def describe_target(weight_name: str, layer: Any, layer_type: str, world_size: i
     errors = import_core("errors")
     weight = getattr(getattr(getattr(layer, "base_layer", None), "linear", None), "weight", None)
     weight = weight if getattr(weight, "dim", lambda: 0)() == 2 else None
-    device = weight.device if weight is not None else next(layer.parameters()).device
+    device = weight.device if weight is not None else _device_of(layer)
     if isinstance(layer, TensorParallelAdapterRowLinear):
         if layer.layer_name != layer_type:
             raise errors.AdapterFormatError(f"TGI's layer for {weight_name} applies {layer.layer_name!r} adapters.")
