@@ -111,3 +111,24 @@ def test_mixed_batch_refused_in_training_mode(setup):
             model(input_ids=torch.zeros(1, 3, dtype=torch.long), adapter_names=["default"])
     finally:
         model.eval()
+
+
+def test_mixed_batch_with_different_scalings(tmp_path):
+    import json
+
+    base = tiny_llama()
+    data = make_collection(tmp_path, base, n_adapters=2, r=3, clusters=1)
+    config_path = tmp_path / "adapters" / "task-1" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["scaling"] = 0.5
+    config_path.write_text(json.dumps(config))
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapters" / "task-0"))
+    model.load_adapter(str(tmp_path / "adapters" / "task-1"), adapter_name="task-1")
+    ids = torch.randint(0, 128, (2, 5))
+    reference = copy.deepcopy(base)
+    with torch.no_grad():
+        for key, lin in target_linears(reference).items():
+            lin.weight += 0.5 * dense_delta(data, "task-1", key)
+        mixed = model(input_ids=ids, adapter_names=["default", "task-1"]).logits
+        torch.testing.assert_close(mixed[1:], reference(input_ids=ids[1:]).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed[:1], dense_model(base, data, "task-0")(input_ids=ids[:1]).logits)

@@ -31,6 +31,7 @@ class JDLoraLayer(BaseTunerLayer):
         self.jd_sigma = nn.ParameterDict({})
         self.jd_cluster: dict[str, int] = {}
         self.jd_scaling: dict[str, float] = {}
+        self._uniform_scaling: float | bool | None = None
         self.slot_table = slot_table
         self.sigma_type: Optional[str] = None
         self.bases_id: Optional[str] = None
@@ -197,6 +198,7 @@ class JDLoraLayer(BaseTunerLayer):
             stack.index_copy_(0, index, torch.stack(rows).to(stack))
             self.jd_slot_cluster.index_copy_(0, index, torch.tensor(clusters, device=stack.device))
             self.jd_slot_scaling.index_copy_(0, index, torch.tensor(scalings, dtype=stack.dtype, device=stack.device))
+        self._uniform_scaling = None
         for name, slot, cluster, scaling in zip(adapter_names, slots, clusters, scalings):
             self.jd_sigma[name] = nn.Parameter(stack[slot], requires_grad=not inference_mode)
             self.jd_cluster[name] = cluster
@@ -208,6 +210,7 @@ class JDLoraLayer(BaseTunerLayer):
             self.jd_sigma_stack[slot].zero_()
             self.jd_slot_scaling[slot] = 0
         super().delete_adapter(adapter_name)
+        self._uniform_scaling = None
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         # With low_cpu_mem_usage PEFT assigns new parameter objects; restore the views into the stack.
@@ -226,6 +229,13 @@ class JDLoraLayer(BaseTunerLayer):
         sigma = self.jd_sigma[adapter_name].float()
         sigma = sigma if sigma.dim() == 2 else torch.diag(sigma)
         return self.jd_scaling[adapter_name] * (U @ sigma @ V.T)
+
+    def _kernel_scaling(self) -> float | torch.Tensor:
+        """A float when every adapter has the same scaling (compressed collections: 1.0), saving a gather per call."""
+        if self._uniform_scaling is None:
+            values = set(self.jd_scaling.values())
+            self._uniform_scaling = float(values.pop()) if len(values) == 1 else False
+        return self.jd_slot_scaling if self._uniform_scaling is False else self._uniform_scaling
 
     def _single_adapter_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """Update of one adapter for all rows; differentiable w.r.t. its Σ (training path)."""
@@ -261,7 +271,7 @@ class JDLoraLayer(BaseTunerLayer):
                 self.jd_sigma_stack,
                 slot_index,
                 self.jd_slot_cluster,
-                self.jd_slot_scaling,
+                self._kernel_scaling(),
             )
             return flat_result.view(result.shape) if flat_result.data_ptr() != result.data_ptr() else result
         for adapter_name in self.active_adapters:
