@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ._core import import_core
-from .weights import BASE_SLOT, JDLayerTypeWeights, TargetLayer, build_layer_type
+from .weights import BASE_SLOT, ROW, JDLayerTypeWeights, TargetLayer, build_layer_type
 
 
 class JDAdapterWeights:
@@ -141,9 +141,14 @@ class JDServingState:
         return JDAdapterWeights(self, layer, slot)
 
     def finish_loading(self) -> None:
-        """Stacks every layer type's Σ and drops the CPU copy of the bases (each shard keeps its device part)."""
+        """Stacks every layer type's Σ and drops the CPU copy of the bases (each shard keeps its device part).
+
+        Row-parallel helpers are allocated here too, so that nothing is cached from inside a CUDA-graph capture.
+        """
         for layer in self.layer_types.values():
             layer.materialize()
+            if layer.parallel == ROW:
+                layer.identities()
         self.bases = None
 
     def nbytes(self) -> int:
