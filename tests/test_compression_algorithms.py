@@ -210,3 +210,13 @@ def test_solvers_reject_rank_above_dimensions():
     for solver in (jd_full, jd_diag):
         with pytest.raises(ValueError, match="rank 5"):
             solver(stack, 5)
+
+
+@pytest.mark.parametrize("method", ["jd-full", "jd-diag"])
+def test_rank_equal_to_the_narrow_dimension(method):
+    """k = d_in: V spans the whole input space; U must still be found without spurious directions."""
+    gen = torch.Generator().manual_seed(11)
+    factors = [(torch.randn(5, D_IN, generator=gen), torch.randn(D_OUT, 5, generator=gen), 1.0) for _ in range(4)]
+    result = compress_stack(stack_from_factors(factors), method, rank=D_IN, max_iter=200,
+                            generator=module_generator(0, "m"))
+    assert float(result.err2.max()) < 1e-8

@@ -38,18 +38,20 @@ class JDFullResult:
     converged: bool = False
 
 
-def orthonormal_complement(M: torch.Tensor, X: torch.Tensor | None, rel_tol: float = 1e-10) -> torch.Tensor:
-    """Orthonormal basis (fp64) of the part of `span(M)` orthogonal to the orthonormal `X`; may have 0 columns."""
+def orthonormal_complement(M: torch.Tensor, X: torch.Tensor | None, rel_tol: float = 1e-9) -> torch.Tensor:
+    """Orthonormal basis (fp64) of the part of `span(M)` orthogonal to the orthonormal `X`; may have 0 columns.
+
+    Directions below `rel_tol` times the norm of `M` (before projection) are rounding noise and are dropped: keeping
+    them would break the orthogonality to `X` when `span(M) ⊂ span(X)`.
+    """
     M = M.double()
+    scale = float(torch.linalg.matrix_norm(M)) if M.numel() else 0.0
     if X is not None and X.shape[1]:
         for _ in range(2):  # twice is enough (Kahan–Parlett)
             M = M - X @ (X.T @ M)
-    if M.shape[1] == 0:
-        return M
+    if M.shape[1] == 0 or scale == 0:
+        return M[:, :0]
     basis, svals, _ = torch.linalg.svd(M, full_matrices=False)
-    scale = svals[0] if svals.numel() else 0.0
-    if scale == 0:
-        return basis[:, :0]
     return basis[:, svals > rel_tol * scale]
 
 
