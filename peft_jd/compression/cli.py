@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -121,7 +122,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
         data["bases_bytes"] = bases_bytes
         print(json.dumps(data, indent=1))
         return 0
-    console = Console()
+    # Piped output (files, CI logs) should not be cut to 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 200)
     s, sizes = report.data["settings"], report.sizes
     console.print(f"[bold]{args.collection}[/bold]: {report.data.get('base_model_name_or_path')} · "
                   f"{', '.join(report.data['target_modules'])}")
