@@ -19,6 +19,7 @@ from safetensors.numpy import load_file as load_numpy
 from peft_jd.format import BasesConfig, write_bases, write_sigma_adapter
 from peft_jd.tuner.config import JDLoraConfig
 from peft_jd.zoo.collection import (
+    compress_collection,
     jd_parameters,
     load_jd_collection,
     load_lora_collection,
@@ -209,6 +210,27 @@ def test_exact_jd_collection_reproduces_lora_predictions(tiny, random_loras, req
         load_jd_collection(tiny, tmp_path / "jd", ["missing"])
 
 
+def test_compression_engine_lossless_rank_and_independent_error_check(tiny, random_loras, requests, tmp_path):
+    # Rank n·r = 8 spans every adapter exactly: JD must generate what the LoRAs generate.
+    compress_collection(random_loras, tmp_path / "full", "jd-full", 8, progress=False)
+    assert max(reconstruction_errors(random_loras, tmp_path / "full").values()) < 1e-8
+    lora_model = load_lora_collection(tiny, random_loras)
+    lora = evaluate(lora_model, tiny.tokenizer, requests, batch_size=8, progress=False)
+    release(tiny, lora_model)
+    jd_model = load_jd_collection(tiny, tmp_path / "full", list(TASK_NAMES), progress=False)
+    jd = evaluate(jd_model, tiny.tokenizer, requests, batch_size=8, progress=False)
+    release(tiny, jd_model)
+    assert jd.agreement(lora) == 1.0
+    # A lossy JD-Diag collection: the engine's own error report agrees with ours, computed from the files.
+    report = compress_collection(random_loras, tmp_path / "diag", "jd-diag", 4, progress=False)
+    errors = reconstruction_errors(random_loras, tmp_path / "diag")
+    assert 0.05 < sum(errors.values()) / 2 < 1
+    assert report["summary"]["mean_err2"] == pytest.approx(sum(errors.values()) / 2, rel=1e-4)
+    assert report["sizes"]["compression_ratio"] == pytest.approx(
+        lora_parameters(random_loras["parity"]) / jd_parameters(tmp_path / "diag", list(TASK_NAMES))["amortized"]
+    )
+
+
 def test_reconstruction_error_and_parameters_of_a_lossy_collection(random_loras, tmp_path):
     rank = 3
     built = exact_jd(random_loras, tmp_path / "jd", rank=rank)
@@ -259,8 +281,18 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert all(v > 0 for k, v in report["throughput_tokens_per_s"].items())
     text = buffer.getvalue()
     assert "parity" in text and "acronym" in text and "tok/s" in text and "smaller" in text
-    cached = run_demo(options, compressor=exact_jd)
-    assert cached["per_task"] == report["per_task"]
+    # Second run: LoRAs from the cache, the real compression engine (rank 8 = 2 adapters × r 4 is lossless).
+    engine = run_demo(options)
+    for name, expected in report["per_task"].items():
+        got = engine["per_task"][name]
+        assert got["agreement"] == 1.0 and got["reconstruction_err2"] < 1e-8
+        assert (got["base_em"], got["lora_em"], got["jd_em"]) == (
+            expected["base_em"],
+            expected["lora_em"],
+            expected["jd_em"],
+        )
+    assert not any(t["cached"] for t in report["training"].values())
+    assert all(t["cached"] for t in engine["training"].values())
 
 
 def test_cli_registers_demo_and_smollm2_install_hint(monkeypatch):

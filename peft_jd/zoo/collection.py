@@ -71,6 +71,14 @@ def compress_collection(
     """Compresses LoRAs (name → directory) into `out_dir` with `peft_jd.compression.compress`; returns its report.
 
     Adapters are passed as `NAME=DIR` specs so that the sigma adapters are named after the tasks.
+
+    Args:
+        adapters: Name → PEFT LoRA directory.
+        out_dir: Output collection folder (`bases/`, `adapters/<name>/`, `report.json`).
+        method: `"jd-full"`, `"jd-diag"` or `"svd"`.
+        rank: Rank of the bases.
+        clusters: Clusters per module.
+        options: Further keyword arguments of `compress` (`normalize`, `seed`, `progress`, …).
     """
     try:
         from peft_jd.compression import compress
@@ -79,11 +87,9 @@ def compress_collection(
             f"peft_jd.compression is not available in this installation; it is needed to compress the zoo ({exc})."
         ) from exc
     specs = [f"{name}={Path(path).resolve()}" for name, path in adapters.items()]
-    report = compress(adapters=specs, out=str(out_dir), method=method, rank=rank, clusters=clusters, **options)
-    if isinstance(report, Mapping):
-        return dict(report)
-    report_path = Path(out_dir) / "report.json"
-    return json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report = compress(specs, out_dir, method=method, rank=rank, clusters=clusters, **options)
+    data = getattr(report, "data", report)
+    return dict(data) if isinstance(data, Mapping) else {}
 
 
 def lora_factors(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

@@ -124,6 +124,10 @@ def run_demo(options: DemoOptions | None = None, console=None, compressor: Calla
         )
         report = _evaluate_all(zoo, loras, out_dir, options, timings, progress)
     report["timings"] = timings
+    report["training"] = {
+        name: {"cached": r.cached, "steps": r.steps, "train_seconds": r.train_seconds, "val_accuracy": r.val_accuracy}
+        for name, r in trained.items()
+    }
     report["options"] = {
         "tasks": list(options.tasks),
         "method": options.method,
