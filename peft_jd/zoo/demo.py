@@ -115,8 +115,8 @@ def run_demo(options: DemoOptions | None = None, console=None, compressor: Calla
     with tempfile.TemporaryDirectory(prefix="peft-jd-demo-") as scratch:
         out_dir = Path(options.work_dir or scratch) / f"{options.method}-r{options.rank}-c{options.clusters}"
         start = time.perf_counter()
-        with _stage(console, f"compressing {len(loras)} LoRAs with {options.method}"):
-            compressor(loras, out_dir, options.method, options.rank, options.clusters)
+        # The compression engine shows its own progress bar.
+        compressor(loras, out_dir, options.method, options.rank, options.clusters)
         timings["compress_s"] = time.perf_counter() - start
         say(
             f"compressed {len(loras)} LoRAs with {options.method} (rank {options.rank}, {options.clusters} "
