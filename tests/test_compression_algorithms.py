@@ -220,3 +220,36 @@ def test_rank_equal_to_the_narrow_dimension(method):
     result = compress_stack(stack_from_factors(factors), method, rank=D_IN, max_iter=200,
                             generator=module_generator(0, "m"))
     assert float(result.err2.max()) < 1e-8
+
+
+def test_sampled_seeding_then_reassignment_recovers_clusters():
+    """Many adapters: seeding and first solves on a sample, the first reassignment places everyone."""
+    from peft_jd.compression.algorithms import normalization_weights, relative_errors
+    from peft_jd.compression.clustering import cluster_compress
+
+    gen = torch.Generator().manual_seed(12)
+    factors, truth, dense = _shared_collection(n=60, k=3, gen=gen, clusters=3)
+    stack = stack_from_factors(factors)
+    result = cluster_compress(stack, 3, 3, jd_full, diagonal=False, weights=normalization_weights(stack, True),
+                              tol=1e-6, max_iter=50, seed_sample=8, generator=module_generator(0, "m"))
+    assert (result.cluster >= 0).all() and _same_partition(result.cluster, truth)
+    err2 = relative_errors(stack, result.U, result.V, result.sigma, result.cluster)
+    assert float(err2.max()) < 1e-10
+    assert np.all(np.diff(result.history) <= 1e-9)
+
+
+def test_threaded_cluster_solves_match_single_threaded():
+    gen = torch.Generator().manual_seed(13)
+    factors = [(torch.randn(4, D_IN, generator=gen), torch.randn(D_OUT, 4, generator=gen), 1.0) for _ in range(30)]
+    stack = stack_from_factors(factors)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(compress_stack(stack, "jd-full", rank=3, clusters=3, generator=module_generator(0, "m")))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(results[0].cluster, results[1].cluster)
+    torch.testing.assert_close(results[0].err2, results[1].err2, atol=1e-6, rtol=0)
+    assert torch.get_num_threads() == previous

@@ -15,6 +15,7 @@ from .clustering import captured_energy, cluster_compress
 from .jd_diag import _solve, jd_diag
 from .jd_full import jd_full
 from .stack import CanonicalStack
+from .threads import few_threads, gemm
 
 
 METHODS = ("jd-full", "jd-diag", "svd")
@@ -129,13 +130,14 @@ def relative_errors(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor, sig
     return err2
 
 
+@few_threads()
 def compress_stack(
     stack: CanonicalStack,
     method: str,
     rank: int,
     clusters: int = 1,
     normalize: bool = True,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     max_iter: int = 100,
     max_rounds: int = 3,
     generator: torch.Generator | None = None,
@@ -178,6 +180,7 @@ def compress_stack(
                         history=history, seconds=time.perf_counter() - start)
 
 
+@few_threads()
 def project_stack(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor,
                   diagonal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Projects new updates onto existing bases: best cluster, optimal Σ and error per adapter.
@@ -198,8 +201,8 @@ def project_stack(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor,
     for c in cluster.unique().tolist():
         idx = (cluster == c).nonzero().squeeze(1)
         sub = stack.select(idx)
-        Q = (sub.flat_lt() @ U[c].float()).reshape(sub.n, sub.r, k).double()
-        P = (sub.flat_rt() @ V[c].float()).reshape(sub.n, sub.r, k).double() * sub.s.unsqueeze(-1)
+        Q = gemm(sub.flat_lt(), U[c].float()).reshape(sub.n, sub.r, k).double()
+        P = gemm(sub.flat_rt(), V[c].float()).reshape(sub.n, sub.r, k).double() * sub.s.unsqueeze(-1)
         if diagonal:
             Uc, Vc = U[c].double(), V[c].double()
             sigma[idx] = _solve((Uc.T @ Uc) * (Vc.T @ Vc), (Q * P).sum(1))

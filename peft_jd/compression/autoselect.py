@@ -51,7 +51,7 @@ def auto_select(
     clusters: int | None = None,
     normalize: bool = True,
     seed: int = 0,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     max_iter: int = 100,
     max_rounds: int = 3,
     probe_modules: int = 3,

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument("--no-normalize", dest="normalize", action="store_false",
                           help="weight adapters by their norm instead of equally")
     compress.add_argument("--seed", type=int, default=0)
-    compress.add_argument("--tol", type=float, default=1e-4, help="relative error decrease that stops a solve")
+    compress.add_argument("--tol", type=float, default=1e-3, help="relative error decrease that stops a solve")
     compress.add_argument("--max-iter", type=int, default=100)
     compress.add_argument("--max-rounds", type=int, default=3, help="cluster reassignment rounds")
     compress.add_argument("--bases-dtype", choices=("float32", "bfloat16", "float16"), default="float32")

@@ -16,6 +16,7 @@ import torch
 from .jd_diag import _solve
 from .jd_full import orthonormal_complement, pad_basis
 from .stack import CanonicalStack
+from .threads import few_threads, gemm, parallel_map
 
 
 # Memory cap for the (n·r, clusters·k) projection blocks of the reassignment step.
@@ -69,7 +70,7 @@ def _one_sided_fraction(side: torch.Tensor, basis: torch.Tensor, s: torch.Tensor
         norms2: `(m,)` squared norms.
     """
     m, r, d = side.shape
-    proj = (side.reshape(m * r, d) @ basis.float()).reshape(m, r, -1).double()
+    proj = gemm(side.reshape(m * r, d), basis.float()).reshape(m, r, -1).double()
     energy = (proj.pow(2).sum(2) * s**2).sum(1)
     return torch.where(norms2 > 0, energy / norms2.clamp_min(1e-300), 1.0).clamp(0, 1)
 
@@ -116,13 +117,14 @@ def kmeanspp_seeds(stack: CanonicalStack, k: int, c: int, generator: torch.Gener
     draws = min(stack.n, max(c, round(oversample * c)))
     fractions = torch.zeros(stack.n, draws, dtype=torch.float64)
     best = torch.where(norms2 > 0, 0.0, 1.0).double()
+    probe_side, probe_s, probe_norms2 = side[probe_idx], stack.s[probe_idx], norms2[probe_idx]
     seeds = [int(torch.randint(stack.n, (1,), generator=generator))]
     while True:
         seed = seeds[-1]
-        close = _one_sided_fraction(side[probe_idx], side[seed, :k].T, stack.s[probe_idx], norms2[probe_idx])
+        close = _one_sided_fraction(probe_side, side[seed, :k].T, probe_s, probe_norms2)
         group = torch.cat([torch.tensor([seed]), probe_idx[close.topk(neighbours).indices]]).unique()
         mix = torch.randn(group.numel(), stack.r, width, generator=generator) * weighted_s[group]
-        center = orthonormal_complement(side[group].reshape(-1, side.shape[2]).T @ mix.reshape(-1, width), None)
+        center = orthonormal_complement(gemm(side[group].reshape(-1, side.shape[2]).T, mix.reshape(-1, width)), None)
         fraction = _one_sided_fraction(side, center, stack.s, norms2)
         fraction[seed] = 1.0
         fractions[:, len(seeds) - 1] = fraction
@@ -153,8 +155,8 @@ def captured_energy(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor, dia
         width = block.stop - block.start
         Us = U[block].permute(1, 0, 2).reshape(U.shape[1], -1).float()
         Vs = V[block].permute(1, 0, 2).reshape(V.shape[1], -1).float()
-        Q = (stack.flat_lt() @ Us).reshape(stack.n, stack.r, width, k).double()
-        P = (stack.flat_rt() @ Vs).reshape(stack.n, stack.r, width, k).double()
+        Q = gemm(stack.flat_lt(), Us).reshape(stack.n, stack.r, width, k).double()
+        P = gemm(stack.flat_rt(), Vs).reshape(stack.n, stack.r, width, k).double()
         P = P * stack.s.view(stack.n, stack.r, 1, 1)
         if diagonal:
             b = (Q * P).sum(1)  # (n, width, k)
@@ -175,8 +177,8 @@ def _exact_for_pairs(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor, ro
                      c: int) -> torch.Tensor:
     """`‖U_cᵀ ΔW_i V_c‖²` for the adapters `rows` (orthonormal bases)."""
     sub = stack.select(rows)
-    Q = (sub.flat_lt() @ U[c].float()).reshape(sub.n, sub.r, -1).double()
-    P = (sub.flat_rt() @ V[c].float()).reshape(sub.n, sub.r, -1).double() * sub.s.unsqueeze(-1)
+    Q = gemm(sub.flat_lt(), U[c].float()).reshape(sub.n, sub.r, -1).double()
+    P = gemm(sub.flat_rt(), V[c].float()).reshape(sub.n, sub.r, -1).double() * sub.s.unsqueeze(-1)
     return (Q.transpose(1, 2) @ P).pow(2).sum((1, 2))
 
 
@@ -192,8 +194,9 @@ def reassign_full(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor, clust
         stack: The adapters.
         U: `(c, d_out, k)` orthonormal.
         V: `(c, d_in, k)` orthonormal.
-        cluster: `(n,)` current clusters.
-        current: `(n,)` energy kept by the current clusters.
+        cluster: `(n,)` current clusters; -1 for adapters not assigned yet (they get the best of the 3 clusters
+            with the highest bound).
+        current: `(n,)` energy kept by the current clusters (-1 if unassigned).
 
     Returns:
         New clusters (the current one unless another is strictly better) and the energy they keep.
@@ -207,11 +210,17 @@ def reassign_full(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor, clust
     for start in range(0, c, per_block):
         block = slice(start, min(c, start + per_block))
         stacked = bases[block].permute(1, 0, 2).reshape(bases.shape[1], -1).float()
-        proj = (side.reshape(-1, side.shape[2]) @ stacked).reshape(stack.n, stack.r, -1, k).double()
+        proj = gemm(side.reshape(-1, side.shape[2]), stacked).reshape(stack.n, stack.r, -1, k).double()
         bound[:, block] = (proj.pow(2).sum(3) * weights).sum(1)
     best, best_energy = cluster.clone(), current.clone()
     candidates = bound > current.unsqueeze(1) * (1 + 1e-9) + 1e-300
-    candidates[torch.arange(stack.n), cluster] = False
+    assigned = (cluster >= 0).nonzero().squeeze(1)
+    candidates[assigned, cluster[assigned]] = False
+    unassigned = (cluster < 0).nonzero().squeeze(1)
+    if unassigned.numel():
+        top = bound[unassigned].topk(min(3, c), dim=1).indices
+        candidates[unassigned] = False
+        candidates[unassigned.unsqueeze(1), top] = True
     for target in candidates.any(0).nonzero().squeeze(1).tolist():
         rows = candidates[:, target].nonzero().squeeze(1)
         energy = _exact_for_pairs(stack, U, V, rows, target)
@@ -221,10 +230,11 @@ def reassign_full(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor, clust
 
 
 def reassign_dense(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor, cluster: torch.Tensor,
-                   diagonal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best cluster of every adapter from the exact energies of all pairs (any bases)."""
+                   current: torch.Tensor, diagonal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best cluster of every adapter (-1: not assigned yet) from the exact energies of all pairs (any bases)."""
     energy = captured_energy(stack, U, V, diagonal)
-    current = energy.gather(1, cluster.unsqueeze(1)).squeeze(1)
+    assigned = cluster >= 0
+    current = torch.where(assigned, energy.gather(1, cluster.clamp_min(0).unsqueeze(1)).squeeze(1), current)
     best_value, best = energy.max(1)
     better = best_value > current * (1 + 1e-9) + 1e-300
     return torch.where(better, best, cluster), torch.where(better, best_value, current)
@@ -247,6 +257,7 @@ def _fill_empty(stack: CanonicalStack, k: int, cluster: torch.Tensor, loss: torc
         bases[empty] = _own_bases(stack, worst, k, generator)
 
 
+@few_threads()
 def cluster_compress(
     stack: CanonicalStack,
     k: int,
@@ -257,7 +268,8 @@ def cluster_compress(
     tol: float,
     max_iter: int,
     max_rounds: int = 3,
-    round_iter: int = 5,
+    round_iter: int = 3,
+    seed_sample: int = 512,
     generator: torch.Generator | None = None,
 ) -> ClusteredResult:
     """Clustered JD of one module.
@@ -273,9 +285,22 @@ def cluster_compress(
         max_iter: Iterations of the final per-cluster solves.
         max_rounds: Maximum number of reassignment rounds.
         round_iter: Iterations of the per-cluster solves between reassignments (warm-started).
+        seed_sample: With more adapters than `max(seed_sample, 10·clusters)`, seeding and the first solves use a
+            random sample of that size; the first reassignment then places everyone (saves most of the seeding
+            GEMMs over the whole stack).
         generator: Random generator of the seeding.
     """
-    seeds, cluster = kmeanspp_seeds(stack, k, min(num_clusters, stack.n), generator)
+    num_clusters = min(num_clusters, stack.n)
+    sample_size = max(seed_sample, 10 * num_clusters)
+    if stack.n > sample_size:
+        sample = torch.randperm(stack.n, generator=generator)[:sample_size].sort().values
+        local_seeds, local_cluster = kmeanspp_seeds(stack.select(sample), k, num_clusters, generator)
+        seeds = sample[local_seeds].tolist()
+        cluster = torch.full((stack.n,), -1, dtype=torch.long)
+        cluster[sample] = local_cluster
+        max_rounds = max(1, max_rounds)
+    else:
+        seeds, cluster = kmeanspp_seeds(stack, k, num_clusters, generator)
     bases = [_own_bases(stack, seed, k, generator) for seed in seeds]
     weights2, norms2 = weights.double() ** 2, stack.norms2()
     total = float((weights2 * norms2).sum())
@@ -283,18 +308,27 @@ def cluster_compress(
                              captured=torch.empty(0))
 
     def solve_all(iterations: int, warm: bool = True) -> list:
-        solved = []
-        for c in range(len(bases)):
+        # Independent per-cluster generators drawn up front: the parallel schedule cannot change the result.
+        seeds_c = torch.randint(2**62, (len(bases),), generator=generator).tolist()
+
+        def solve(c: int):
             members = (cluster == c).nonzero().squeeze(1)
-            solution = None
-            if members.numel():
-                solution = solver(stack.select(members), k, weights=weights[members], init=bases[c] if warm else None,
-                                  tol=tol, max_iter=iterations, generator=generator)
+            if members.numel() == 0:
+                return None
+            return solver(stack.select(members), k, weights=weights[members], init=bases[c] if warm else None,
+                          tol=tol, max_iter=iterations, generator=torch.Generator().manual_seed(seeds_c[c]))
+
+        sizes = torch.bincount(cluster[cluster >= 0], minlength=len(bases))
+        order = sorted(range(len(bases)), key=lambda c: -int(sizes[c]))  # largest first balances the workers
+        solved = [None] * len(bases)
+        for c, solution in zip(order, parallel_map(solve, order)):
+            solved[c] = solution
+            if solution is not None:
                 bases[c] = (solution.U, solution.V)
                 result.iterations += solution.iterations
-            solved.append(solution)
-        captured = _cluster_captured(solved, cluster, stack.n)
-        result.history.append(max(0.0, 1 - float((weights2 * captured).sum()) / total) if total > 0 else 0.0)
+        if bool((cluster >= 0).all()):  # the objective of a partial assignment is not comparable
+            captured = _cluster_captured(solved, cluster, stack.n)
+            result.history.append(max(0.0, 1 - float((weights2 * captured).sum()) / total) if total > 0 else 0.0)
         return solved
 
     # The solver's own (HOSVD-like) start beats a single seed adapter's subspace.
@@ -303,10 +337,11 @@ def cluster_compress(
         result.rounds += 1
         U = torch.stack([b[0] for b in bases]).float()
         V = torch.stack([b[1] for b in bases]).float()
+        current = torch.where(cluster >= 0, _cluster_captured(solved, cluster, stack.n), -1.0)
         if diagonal:
-            new_cluster, energy = reassign_dense(stack, U, V, cluster, diagonal=True)
+            new_cluster, energy = reassign_dense(stack, U, V, cluster, current, diagonal=True)
         else:
-            new_cluster, energy = reassign_full(stack, U, V, cluster, _cluster_captured(solved, cluster, stack.n))
+            new_cluster, energy = reassign_full(stack, U, V, cluster, current)
         _fill_empty(stack, k, new_cluster, weights2 * (norms2 - energy).clamp_min(0), bases, generator)
         if bool((new_cluster == cluster).all()):
             break

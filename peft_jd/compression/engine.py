@@ -99,7 +99,7 @@ def compress(
     target_error: float | None = None,
     normalize: bool = True,
     seed: int = 0,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     max_iter: int = 100,
     max_rounds: int = 3,
     bases_dtype: str = "float32",

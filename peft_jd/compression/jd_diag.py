@@ -18,6 +18,7 @@ import torch
 
 from .jd_full import jd_full
 from .stack import CanonicalStack, canonicalize
+from .threads import few_threads, gemm
 
 
 _RIDGE = 1e-12
@@ -75,7 +76,7 @@ class _ALS:
         self.update_sigma()
 
     def _project(self, flat: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-        return (flat @ X.float()).reshape(self.stack.n, self.stack.r, -1)
+        return gemm(flat, X.float()).reshape(self.stack.n, self.stack.r, -1)
 
     def gram(self) -> torch.Tensor:
         return (self.U.T @ self.U) * (self.V.T @ self.V)
@@ -90,7 +91,7 @@ class _ALS:
     def _side(self, flat: torch.Tensor, other_proj: torch.Tensor, other_basis: torch.Tensor) -> torch.Tensor:
         # Σ_i x_i S_i (other_i) D_i, solved against (otherᵀother) ⊙ Σ σσᵀ.
         rhs = (other_proj * self.ws.unsqueeze(-1).float() * self.sigma.unsqueeze(1).float())
-        N = (flat.T @ rhs.reshape(-1, rhs.shape[-1])).double()
+        N = gemm(flat.T, rhs.reshape(-1, rhs.shape[-1])).double()
         return _solve((other_basis.T @ other_basis) * (self.sigma.T @ self.sigma), N)
 
     def step(self) -> None:
@@ -118,8 +119,8 @@ def _tucker_start(stack: CanonicalStack, k: int, weights: torch.Tensor, tol: flo
     k_t = min(2 * k, stack.d_out, stack.d_in)
     tucker = jd_full(stack, k_t, weights=weights, tol=tol, max_iter=50, generator=generator)
     # Core of adapter i: (U_tᵀ L_i)(w_i S_i R_iᵀ V_t), as a factor pair in stack layout.
-    Q = (stack.flat_lt() @ tucker.U).reshape(stack.n, stack.r, k_t)
-    P = (stack.flat_rt() @ tucker.V).reshape(stack.n, stack.r, k_t)
+    Q = gemm(stack.flat_lt(), tucker.U).reshape(stack.n, stack.r, k_t)
+    P = gemm(stack.flat_rt(), tucker.V).reshape(stack.n, stack.r, k_t)
     core = canonicalize(Q, P * (stack.s * weights.unsqueeze(1)).unsqueeze(-1).float())
     start = jd_full(core, k, tol=tol, max_iter=50, generator=generator)
     state = _ALS(core, core.s, start.U, start.V)
@@ -133,12 +134,13 @@ def _tucker_start(stack: CanonicalStack, k: int, weights: torch.Tensor, tol: flo
     return tucker.U.double() @ state.U, tucker.V.double() @ state.V
 
 
+@few_threads()
 def jd_diag(
     stack: CanonicalStack,
     k: int,
     weights: torch.Tensor | None = None,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     max_iter: int = 100,
     generator: torch.Generator | None = None,
 ) -> JDDiagResult:

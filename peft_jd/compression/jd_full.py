@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .stack import CanonicalStack
+from .threads import few_threads, gemm
 
 
 @dataclass
@@ -89,11 +90,11 @@ def expand_and_rotate(flat_x: torch.Tensor, X: torch.Tensor, proj: torch.Tensor,
     """
     n, r, _ = proj.shape
     sigma = proj.transpose(1, 2) @ other  # (n, k, k): Xᵀ ΔW_i Y (weighted)
-    MX = flat_x.T @ (other @ sigma.transpose(1, 2)).reshape(n * r, -1)
+    MX = gemm(flat_x.T, (other @ sigma.transpose(1, 2)).reshape(n * r, -1))
     extra = MX if previous is None else torch.cat([previous.double(), MX.double()], dim=1)
     Z = orthonormal_complement(extra, X)
     if Z.shape[1]:
-        proj = torch.cat([proj, (flat_x @ Z.float()).reshape(n, r, -1)], dim=2)
+        proj = torch.cat([proj, gemm(flat_x, Z.float()).reshape(n, r, -1)], dim=2)
         X = torch.cat([X, Z], dim=1)
     return rayleigh_ritz(X, proj, other, k)
 
@@ -112,7 +113,7 @@ def random_range(flat_x: torch.Tensor, weighted_s: torch.Tensor, other: torch.Te
                             device=weighted_s.device)
         mix = other.double() @ gauss
     mix = (mix * weighted_s.unsqueeze(-1)).float().reshape(n * r, width)
-    return orthonormal_complement(flat_x.T @ mix, None)
+    return orthonormal_complement(gemm(flat_x.T, mix), None)
 
 
 def pad_basis(X: torch.Tensor, d: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -138,7 +139,7 @@ def initial_bases(stack: CanonicalStack, k: int, weighted_s: torch.Tensor,
 
 def _best_of(flat_x: torch.Tensor, X: torch.Tensor, other: torch.Tensor,
              k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    proj = (flat_x @ X.float()).reshape(other.shape[0], other.shape[1], -1)
+    proj = gemm(flat_x, X.float()).reshape(other.shape[0], other.shape[1], -1)
     return rayleigh_ritz(X, proj, other, k)
 
 
@@ -147,12 +148,13 @@ def full_sigmas(stack: CanonicalStack, Q: torch.Tensor, P: torch.Tensor) -> torc
     return Q.transpose(1, 2).double() @ (P.double() * stack.s.unsqueeze(-1))
 
 
+@few_threads()
 def jd_full(
     stack: CanonicalStack,
     k: int,
     weights: torch.Tensor | None = None,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     max_iter: int = 100,
     generator: torch.Generator | None = None,
     momentum: bool = True,
@@ -180,8 +182,8 @@ def jd_full(
         U = pad_basis(orthonormal_complement(init[0], None)[:, :k], stack.d_out, k, generator)
         V = pad_basis(orthonormal_complement(init[1], None)[:, :k], stack.d_in, k, generator)
     ws = weighted_s.unsqueeze(-1).float()
-    Q = (flat_l @ U.float()).reshape(stack.n, stack.r, k)
-    P = (flat_r @ V.float()).reshape(stack.n, stack.r, k)
+    Q = gemm(flat_l, U.float()).reshape(stack.n, stack.r, k)
+    P = gemm(flat_r, V.float()).reshape(stack.n, stack.r, k)
     captured = float((full_sigmas(stack, Q, P * weights.view(-1, 1, 1).float()) ** 2).sum())
     result = JDFullResult(U=U, V=V, sigma=torch.empty(0), captured=torch.empty(0))
     result.history.append(_relative_error(captured, total))

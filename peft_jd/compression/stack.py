@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .lora_io import LoraAdapter
+from .threads import few_threads, gemm, parallel_map
 
 
 # Directions whose singular value is below this fraction of the adapter's largest are rounding noise of fp32 factors.
@@ -82,6 +83,7 @@ def _orthonormalizer(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evecs * inv_root.unsqueeze(-2), root.unsqueeze(-1) * evecs.transpose(-1, -2)
 
 
+@few_threads()
 def canonicalize(bt: torch.Tensor, a: torch.Tensor) -> CanonicalStack:
     """Thin SVD of every `ΔW_i = B_i A_i` from the factors, in place of the inputs' storage where possible.
 
@@ -94,19 +96,22 @@ def canonicalize(bt: torch.Tensor, a: torch.Tensor) -> CanonicalStack:
     """
     n, r, _ = bt.shape
     s = torch.zeros(n, r, dtype=torch.float64, device=bt.device)
-    for start in range(0, n, _CHUNK):
+
+    def chunk_svd(start: int) -> None:
         chunk = slice(start, start + _CHUNK)
         b64, a64 = bt[chunk].double(), a[chunk].double()
-        inv_b, root_b = _orthonormalizer(b64 @ b64.transpose(1, 2))
-        inv_a, root_a = _orthonormalizer(a64 @ a64.transpose(1, 2))
+        inv_b, root_b = _orthonormalizer(gemm(b64, b64.transpose(1, 2)))
+        inv_a, root_a = _orthonormalizer(gemm(a64, a64.transpose(1, 2)))
         # ΔW = (B T_b)(Λ_b^½ E_bᵀ)(E_a Λ_a^½)(T_aᵀ A) with orthonormal outer factors; SVD of the small core.
         core = root_b @ root_a.transpose(1, 2)
         left, sigma, right_h = torch.linalg.svd(core)
         to_left = (inv_b @ left).transpose(1, 2)  # rows: left singular vectors as combinations of B's columns
         to_right = right_h @ inv_a.transpose(1, 2)
-        bt[chunk] = (to_left @ b64).to(bt.dtype)
-        a[chunk] = (to_right @ a64).to(a.dtype)
+        bt[chunk] = gemm(to_left, b64).to(bt.dtype)
+        a[chunk] = gemm(to_right, a64).to(a.dtype)
         s[chunk] = sigma
+
+    parallel_map(chunk_svd, range(0, n, _CHUNK))  # chunks write disjoint rows
     return CanonicalStack(lt=bt, rt=a, s=s)
 
 
