@@ -155,8 +155,10 @@ def _evict(path: Path) -> None:
 
 
 def measure_reading(count: int, shapes: dict, layers: int, rank: int) -> dict:
-    """Seconds to read one module of one adapter file (the reader opens, reads two tensors, checks, closes)."""
+    """Seconds to read one module of one adapter file into the fp32 stack (open, read two tensors, close, convert,
+    check for NaN/inf; as `compress` does), from disk (`cold`) and from the page cache (`warm`)."""
     from peft_jd.compression.lora_io import load_adapter
+    from peft_jd.compression.stack import read_factors
 
     with tempfile.TemporaryDirectory(prefix="jd-bench-") as tmp:
         paths = write_adapters(Path(tmp), count, shapes, layers, rank)
@@ -169,8 +171,7 @@ def measure_reading(count: int, shapes: dict, layers: int, rank: int) -> dict:
                     _evict(path / "adapter_model.safetensors")
             start = time.perf_counter()
             for module_key in modules:
-                for adapter in adapters:
-                    adapter.read_module(module_key)
+                read_factors(adapters, module_key)
             result[f"seconds_per_adapter_module_{label}"] = (time.perf_counter() - start) / (len(modules) * count)
         result.update(adapters=count, modules=len(modules),
                       bytes_per_adapter=(paths[0] / "adapter_model.safetensors").stat().st_size)

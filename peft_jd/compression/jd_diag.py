@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .jd_full import jd_full
+from .jd_full import converged, jd_full
 from .stack import CanonicalStack, canonicalize
 from .threads import few_threads, gemm
 
@@ -151,7 +151,7 @@ def jd_diag(
         k: Number of shared rank-one terms (`≤ min(d_out, d_in)`).
         weights: Per-adapter weights `w_i` (`1/‖ΔW_i‖` for Frobenius normalisation); `None` means 1.
         init: Starting `(U, V)`; `None`: CP of the rank-`2k` Tucker core.
-        tol: Stop when an iteration lowers the weighted relative error by less than `tol` times itself.
+        tol: Stop when an iteration changes the weighted relative error `e` by less than `tol · min(e, 1 − e)`.
         max_iter: Maximum number of full-size ALS iterations.
         generator: Random generator of the initialisation.
     """
@@ -169,7 +169,7 @@ def jd_diag(
         state.step()
         result.iterations = iteration
         result.history.append(_relative_error(state.captured(), total))
-        if result.history[-2] - result.history[-1] <= tol * result.history[-1]:
+        if converged(result.history, tol):
             result.converged = True
             break
     # σ_i of the unweighted update: the per-adapter least squares does not depend on the weights.

@@ -166,7 +166,7 @@ def jd_full(
         k: Rank of the shared bases (`≤ min(d_out, d_in)`).
         weights: Per-adapter weights `w_i` (e.g. `1/‖ΔW_i‖` for Frobenius normalisation); `None` means 1.
         init: Starting `(U, V)`; orthonormalised here. `None`: HOSVD-like start.
-        tol: Stop when one alternation lowers the weighted relative error by less than `tol` times itself.
+        tol: Stop when one alternation changes the weighted relative error `e` by less than `tol · min(e, 1 − e)`.
         max_iter: Maximum number of alternations.
         generator: Random generator of the initialisation (determinism).
     """
@@ -194,13 +194,21 @@ def jd_full(
         U_old, V_old, U, V = U, V, U_new, V_new
         result.iterations = iteration
         result.history.append(_relative_error(captured, total))
-        if result.history[-2] - result.history[-1] <= tol * result.history[-1]:
+        if converged(result.history, tol):
             result.converged = True
             break
     sigma = full_sigmas(stack, Q, P)
     result.U, result.V = U.float(), V.float()
     result.sigma, result.captured = sigma.float(), (sigma**2).sum((1, 2))
     return result
+
+
+def converged(history: list[float], tol: float) -> bool:
+    """The last iteration changed the relative error `e` by at most `tol · min(e, 1 − e)`: a relative change below
+    `tol` of the error when it is small, and of the captured energy when the error is close to 1 (e.g. one basis for
+    a thousand unrelated adapters, where the error moves little but the kept energy still grows)."""
+    error = history[-1]
+    return history[-2] - error <= tol * min(error, 1 - error)
 
 
 def _relative_error(captured: float, total: float) -> float:

@@ -103,8 +103,13 @@ class LoraAdapter:
         """Number of LoRA parameters (all modules)."""
         return sum(m.rank * (m.in_features + m.out_features) for m in self.modules.values())
 
-    def read_module(self, module_key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reads `(lora_A, lora_B)` of one module in fp32, checked for NaN/inf; scaling is *not* applied."""
+    def read_module(self, module_key: str, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reads `(lora_A, lora_B)` of one module in their stored dtype; scaling is *not* applied.
+
+        Args:
+            module_key: The module.
+            check: Raise `AdapterFormatError` naming the file if a tensor holds NaN or inf.
+        """
         prefix = f"{PEFT_KEY_PREFIX}{module_key}"
         try:
             with safe_open(self.weights_path, framework="pt") as handle:
@@ -115,13 +120,17 @@ class LoraAdapter:
                 f"adapter {self.name!r}: {self.weights_path} disappeared while compressing; restore it and rerun "
                 "(finished modules are resumed)."
             ) from None
-        for tensor, which in ((lora_a, "lora_A"), (lora_b, "lora_B")):
-            if not torch.isfinite(tensor).all():
-                raise AdapterFormatError(
-                    f"{self.weights_path}: {which} of module {module_key} contains NaN or inf values; the file is "
-                    "corrupt or training diverged. Remove this adapter from the collection or retrain it."
-                )
-        return lora_a.float(), lora_b.float()
+        if check:
+            for tensor, which in ((lora_a, "lora_A"), (lora_b, "lora_B")):
+                if not torch.isfinite(tensor).all():
+                    raise self.non_finite_error(module_key, which)
+        return lora_a, lora_b
+
+    def non_finite_error(self, module_key: str, which: str = "lora_A or lora_B") -> AdapterFormatError:
+        return AdapterFormatError(
+            f"{self.weights_path}: {which} of module {module_key} contains NaN or inf values; the file is corrupt or "
+            "training diverged. Remove this adapter from the collection or retrain it."
+        )
 
 
 # ------------------------------------------------------------------------------------------------ spec parsing
