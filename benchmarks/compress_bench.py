@@ -9,8 +9,8 @@ recipe, on the same normalised updates) runs at equal rank for comparison. Readi
 (full Mistral q/k/v, bf16, written here and evicted from the page cache), per adapter and module. The result is
 extrapolated to 1,000 adapters × 96 modules (32 layers × q, k, v).
 
-Full run (about an hour on 2 cores; run alone):
-    python benchmarks/compress_bench.py --out benchmarks/compress_bench.json
+Full run (about 15 minutes on 2 cores; run alone):
+    python benchmarks/compress_bench.py --normalization-study --out benchmarks/compress_bench.json
 Check the script quickly (tiny shapes, < 1 minute):
     python benchmarks/compress_bench.py --quick
 """
@@ -84,6 +84,33 @@ def reference_jd_full(stack, k: int, alternations: int = 10, seed: int = 0) -> f
     P = (flat_r @ V).reshape(stack.n, stack.r, k).double() * stack.s.unsqueeze(-1)
     captured = (Q.transpose(1, 2) @ P).pow(2).sum((1, 2))
     return float((1 - captured / stack.norms2()).mean())
+
+
+def normalization_study(quick: bool, seed: int = 0) -> list[dict]:
+    """Mean err² (the paper's per-adapter metric) with and without Frobenius normalisation, on k/v-shaped
+    collections whose adapter norms spread log-normally (sd 0.5 and 1.5)."""
+    import torch
+
+    from peft_jd.compression.algorithms import compress_stack, module_generator
+    from peft_jd.compression.stack import canonicalize
+
+    d_out, d_in = QUICK_SHAPES["k_proj"] if quick else MISTRAL_SHAPES["k_proj"]
+    rows = []
+    for n, clusters in ([(30, 4)] if quick else [(100, 1), (100, 10), (300, 1), (300, 25)]):
+        for spread in (0.5, 1.5):
+            bt, a, _ = synthetic_stack(n, d_out, d_in, 16, seed)
+            bt *= torch.exp((spread - 0.5) * torch.randn(n, 1, 1, generator=torch.Generator().manual_seed(seed + 1)))
+            stack = canonicalize(bt, a)
+            energy = stack.norms2()
+            row = {"n": n, "clusters": clusters, "log_norm_sd": spread}
+            for normalize in (True, False):
+                result = compress_stack(stack, "jd-full", 16, clusters, normalize=normalize,
+                                        generator=module_generator(seed, "normalization"))
+                key = "normalized" if normalize else "raw"
+                row[f"{key}_mean_err2"] = float(result.err2.mean())
+                row[f"{key}_energy_weighted_err2"] = float((result.err2 * energy).sum() / energy.sum())
+            rows.append(row)
+    return rows
 
 
 def _peak_rss_mb() -> float:
@@ -192,12 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", nargs="+", default=None, help="only these shapes (q_proj, k_proj)")
     parser.add_argument("--in-process", action="store_true",
                         help="no fresh process per configuration (faster; peak RSS is then cumulative)")
+    parser.add_argument("--normalization-study", action="store_true",
+                        help="also compare mean err² with and without Frobenius normalisation")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else MISTRAL_SHAPES
     if args.modules:
         shapes = {name: shapes[name] for name in args.modules}
-    sizes = args.n or ([20, 60] if args.quick else [100, 1000])
+    sizes = args.n or ([20, 40] if args.quick else [100, 1000])
     clusters = [min(c, 4) for c in args.clusters] if args.quick else args.clusters
     layers = 2 if args.quick else 32
     tasks = []
@@ -209,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                                       rank=args.rank, lora_rank=args.lora_rank, normalize=args.normalize,
                                       seed=args.seed))
     in_process = args.in_process or args.quick
+    if args.quick:
+        import torch
+
+        torch.set_num_threads(1)  # tiny shapes: thread synchronisation would dominate
     context = multiprocessing.get_context("spawn")
 
     def run(function, *arguments):
@@ -233,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         "reading": reading,
         "extrapolation": extrapolate(results, reading, layers, max(sizes)),
     }
+    if args.normalization_study:
+        report["normalization"] = run(normalization_study, args.quick, args.seed)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
