@@ -1,9 +1,11 @@
 """Clustered joint compression: each cluster of adapters gets its own bases.
 
-Alternates (a) JD of every cluster, warm-started from its previous bases, and (b) reassignment of every adapter to the
-cluster whose bases keep most of its energy (its own best `Σ`). Both steps can only raise the weighted captured energy,
-so the objective is monotone. Initialisation is k-means++ (D² sampling) with the cheap one-sided signature
-"fraction of `ΔW_j`'s energy inside the seed adapter's top-`k` singular subspace" on the narrower side of the module.
+Alternates (a) JD of every cluster (in parallel, warm-started from its previous bases) and (b) reassignment of every
+adapter to the cluster whose bases keep most of its energy with its own best `Σ`. Both steps can only raise the
+weighted captured energy, so the objective is monotone once every adapter is assigned. Initialisation: k-means++-style
+seeding (see `kmeanspp_seeds`) with the cheap one-sided signature "fraction of `ΔW_j`'s energy inside a center
+subspace" on the narrower side of the module, on a sample of the adapters when there are many; the first reassignment
+then places everyone. Reassignment for orthonormal bases is pruned by a one-sided bound (`reassign_full`).
 """
 
 from __future__ import annotations
