@@ -255,3 +255,13 @@ def test_hub_ids_honour_revision_token_and_cache(loras, tmp_path, monkeypatch):
     assert ("org/collection", "adapter_config.json", "loras/b", "main", "hf_x", "/cache", False) in calls
     with pytest.raises(FileNotFoundError, match="not-a-dir"):
         compress(["not-a-dir"], tmp_path / "o2", progress=False)
+
+
+def test_add_to_a_diagonal_collection_reproduces_the_least_squares_sigma(loras, tmp_path):
+    out = tmp_path / "out"
+    original = compress([loras[n] for n in "abc"], out, method="jd-diag", rank=3, progress=False)
+    report = add_adapters(out, [f"b_again={loras['b']}"], warn_error=1.0, progress=False)
+    for module_key, value in original.adapters["b"]["err2"].items():
+        assert report.adapters["b_again"]["err2"][module_key] == pytest.approx(value, rel=1e-4, abs=1e-9)
+    sigma = load_file(out / "adapters" / "b_again" / "adapter_model.safetensors")
+    assert all(t.shape == (3,) for t in sigma.values())
