@@ -184,12 +184,12 @@ def _evict(path: Path) -> None:
 def measure_reading(count: int, shapes: dict, layers: int, rank: int) -> dict:
     """Seconds to read one module of one adapter file into the fp32 stack (open, read two tensors, close, convert,
     check for NaN/inf; as `compress` does), from disk (`cold`) and from the page cache (`warm`)."""
-    from peft_jd.compression.lora_io import load_adapter
+    from peft_jd.compression.lora_io import load_lora
     from peft_jd.compression.stack import read_factors
 
     with tempfile.TemporaryDirectory(prefix="jd-bench-") as tmp:
         paths = write_adapters(Path(tmp), count, shapes, layers, rank)
-        adapters = [load_adapter(str(p)) for p in paths]
+        adapters = [load_lora(str(p)) for p in paths]
         modules = sorted(adapters[0].modules)
         result = {}
         for label, evict in (("cold", True), ("warm", False)):

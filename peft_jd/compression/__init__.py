@@ -11,9 +11,9 @@
 from .algorithms import METHODS, ModuleResult, compress_stack, project_stack
 from .engine import compress
 from .incremental import add_adapters
-from .lora_io import HubOptions, LoraAdapter, load_adapter, load_adapters
+from .lora_io import HubOptions, LoraAdapter, load_lora, load_loras
 from .report import CompressionReport
-from .stack import CanonicalStack, read_module_stack, stack_from_factors
+from .stack import CanonicalStack, read_factors, read_module_stack, stack_from_factors
 
 
 __all__ = [
@@ -26,9 +26,10 @@ __all__ = [
     "add_adapters",
     "compress",
     "compress_stack",
-    "load_adapter",
-    "load_adapters",
+    "load_lora",
+    "load_loras",
     "project_stack",
+    "read_factors",
     "read_module_stack",
     "stack_from_factors",
 ]

@@ -29,7 +29,7 @@ from ..format import (
 from ..tuner.config import JDLoraConfig
 from .algorithms import check_method, compress_stack, module_generator, sigma_type_of
 from .autoselect import auto_select
-from .lora_io import CollectionSpec, HubOptions, LoraAdapter, check_collection, load_adapters
+from .lora_io import CollectionSpec, HubOptions, LoraAdapter, check_collection, load_loras
 from .report import (
     ERROR_CONVENTION,
     REPORT_FORMAT,
@@ -147,7 +147,7 @@ def compress(
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     hub = HubOptions(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-    loras = load_adapters(adapters, hub)
+    loras = load_loras(adapters, hub)
     spec = check_collection(loras)
     module_keys = sorted(spec.module_shapes, key=natural_key)
     selection = None

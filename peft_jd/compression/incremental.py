@@ -27,7 +27,7 @@ from .engine import (
     sizes_entry,
     write_sigma_adapter_dir,
 )
-from .lora_io import CollectionSpec, HubOptions, check_collection, load_adapters
+from .lora_io import CollectionSpec, HubOptions, check_collection, load_loras
 from .report import CompressionReport, adapter_entry, summarize
 from .stack import read_module_stack
 
@@ -90,7 +90,7 @@ def add_adapters(
     if bases_config.fingerprint and file_sha256(weights_path) != bases_config.fingerprint:
         raise BasesMismatchError(f"{weights_path} does not match the fingerprint in its config; it was modified.")
     report = CompressionReport.load(collection)
-    loras = load_adapters(adapters, HubOptions(revision, token, cache_dir, local_files_only))
+    loras = load_loras(adapters, HubOptions(revision, token, cache_dir, local_files_only))
     reference = CollectionSpec(
         base_model_name_or_path=bases_config.base_model_name_or_path,
         module_shapes={k: (m.in_features, m.out_features) for k, m in bases_config.modules.items()},

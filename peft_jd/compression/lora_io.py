@@ -293,7 +293,7 @@ def _scan_modules(weights_path: Path) -> dict[str, ModuleShape]:
     return modules
 
 
-def load_adapter(spec: str, hub: HubOptions | None = None) -> LoraAdapter:
+def load_lora(spec: str, hub: HubOptions | None = None) -> LoraAdapter:
     """Resolves one `[NAME=]SOURCE[@REVISION]` spec to local files and scans its header.
 
     Args:
@@ -400,6 +400,6 @@ def check_collection(adapters: Sequence[LoraAdapter], reference: CollectionSpec 
                           task_type=task_type)
 
 
-def load_adapters(specs: Iterable[str | os.PathLike], hub: HubOptions | None = None) -> list[LoraAdapter]:
-    """Resolves all specs (expanding list files); see `load_adapter`."""
-    return [load_adapter(spec, hub) for spec in expand_specs(specs)]
+def load_loras(specs: Iterable[str | os.PathLike], hub: HubOptions | None = None) -> list[LoraAdapter]:
+    """Resolves all LoRA specs (expanding list files); see `load_lora`."""
+    return [load_lora(spec, hub) for spec in expand_specs(specs)]
