@@ -63,7 +63,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def parallel_map(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """`[function(x) for x in items]` on up to `available_threads()` Python threads (results in order)."""
     workers = min(len(items), available_threads())
-    if workers <= 1:
+    if workers <= 1 or getattr(_local, "worker", False):  # no nested pools
         return [function(item) for item in items]
 
     def run(item: T) -> R:
