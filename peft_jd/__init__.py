@@ -10,6 +10,7 @@ from ._registration import register as _register
 _register()
 
 from .bulk import load_adapters  # noqa: E402
+from .compression import CompressionReport, add_adapters, compress  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterFormatError,
     BaseModelMismatchError,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BASE_ADAPTER_NAME",
     "AdapterFormatError",
+    "CompressionReport",
     "BaseModelMismatchError",
     "BasesMismatchError",
     "BasesNotFoundError",
@@ -40,6 +42,8 @@ __all__ = [
     "ShapeMismatchError",
     "SigmaTypeMismatchError",
     "UnknownAdapterError",
+    "add_adapters",
+    "compress",
     "load_adapters",
     "to_lora",
 ]

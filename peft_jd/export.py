@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -11,7 +10,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from .format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX, atomic_directory
+from .format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX, atomic_directory, sort_target_modules
 
 
 @dataclass
@@ -35,12 +34,7 @@ class LoraExport:
                 metadata={"format": "pt"},
             )
             self.config.save_pretrained(str(tmp))
-            # PEFT writes target_modules from a set in arbitrary order; keep files reproducible.
-            path = tmp / ADAPTER_CONFIG_NAME
-            data = json.loads(path.read_text())
-            if isinstance(data.get("target_modules"), list):
-                data["target_modules"] = sorted(data["target_modules"])
-            path.write_text(json.dumps(data, indent=2, sort_keys=True))
+            sort_target_modules(tmp / ADAPTER_CONFIG_NAME)
 
 
 def _tuner(model):

@@ -122,6 +122,10 @@ def atomic_directory(final_dir: str | os.PathLike, overwrite: bool = True) -> It
     if final_dir.exists() and not overwrite:
         raise FileExistsError(f"{final_dir} already exists; pass overwrite=True or choose another directory.")
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
+    # mkdtemp makes private (0700) folders; published collections get the usual mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)
     try:
         yield tmp_dir
         if final_dir.exists():
@@ -181,6 +185,14 @@ def write_bases(
     return config
 
 
+def sort_target_modules(config_path: Path) -> None:
+    """PEFT writes `target_modules` from a set in arbitrary order; sort it so that files are reproducible."""
+    data = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+        config_path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+
+
 def sigma_state_dict_key(module_key: str) -> str:
     return f"{PEFT_KEY_PREFIX}{module_key}{SIGMA_KEY_SUFFIX}"
 
@@ -212,5 +224,6 @@ def write_sigma_adapter(
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
+        sort_target_modules(tmp / ADAPTER_CONFIG_NAME)
         if readme is not None:
             (tmp / "README.md").write_text(readme, encoding="utf-8")

@@ -6,7 +6,6 @@ the resumable work folder; the output folder is assembled atomically at the end.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..format import (
-    ADAPTER_CONFIG_NAME,
     BASES_CONFIG_NAME,
     BasesConfig,
     atomic_directory,
@@ -36,9 +34,7 @@ from .report import (
     REPORT_NAME,
     CompressionReport,
     adapter_entry,
-    publish_tree,
     summarize,
-    write_json_atomic,
 )
 from .stack import read_module_stack
 from .workdir import WorkDir, inputs_fingerprint
@@ -231,7 +227,7 @@ def _assemble(out_dir: Path, work: WorkDir, loras: list[LoraAdapter], spec: Coll
             )
             entry = adapter_entry(adapter.source, errors2[adapter.name], per_module, adapter.lora_params(),
                                   sigma_size * len(module_keys))
-            write_sigma_adapter_dir(tmp / ADAPTERS_DIR / adapter.name, sigmas.pop(adapter.name), config,
+            write_sigma_adapter(tmp / ADAPTERS_DIR / adapter.name, sigmas.pop(adapter.name), config,
                                     adapter_card(adapter.source, method, rank, entry))
             entries[adapter.name] = entry
         report = CompressionReport(data=_report_data(settings, spec, modules, entries, bases_params, sigma_size,
@@ -244,21 +240,10 @@ def _assemble(out_dir: Path, work: WorkDir, loras: list[LoraAdapter], spec: Coll
         }
         report.data["bases_fingerprint"] = bases_config.fingerprint
         report.save(tmp / REPORT_NAME)
-        publish_tree(tmp)
     report.path = out_dir / REPORT_NAME
     return report
 
 
-def write_sigma_adapter_dir(path: Path, sigmas: dict[str, torch.Tensor], config: JDLoraConfig, readme: str) -> None:
-    """Writes one sigma adapter (atomically) with a reproducible `adapter_config.json`."""
-    write_sigma_adapter(path, sigmas, config, readme=readme)
-    publish_tree(path)
-    # PEFT stores target_modules from a set, in arbitrary order.
-    config_path = path / ADAPTER_CONFIG_NAME
-    data = json.loads(config_path.read_text(encoding="utf-8"))
-    if isinstance(data.get("target_modules"), list):
-        data["target_modules"] = sorted(data["target_modules"], key=natural_key)
-    write_json_atomic(config_path, data)
 
 
 def adapter_card(source: str, method: str, rank: int, entry: dict[str, Any]) -> str:

@@ -15,7 +15,14 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..errors import BasesMismatchError
-from ..format import ADAPTER_CONFIG_NAME, BASES_CONFIG_NAME, BASES_WEIGHTS_NAME, BasesConfig, file_sha256
+from ..format import (
+    ADAPTER_CONFIG_NAME,
+    BASES_CONFIG_NAME,
+    BASES_WEIGHTS_NAME,
+    BasesConfig,
+    file_sha256,
+    write_sigma_adapter,
+)
 from ..tuner.config import JDLoraConfig
 from .algorithms import project_stack
 from .engine import (
@@ -25,7 +32,6 @@ from .engine import (
     jd_target_modules,
     natural_key,
     sizes_entry,
-    write_sigma_adapter_dir,
 )
 from .lora_io import CollectionSpec, HubOptions, check_collection, load_loras
 from .report import CompressionReport, adapter_entry, summarize
@@ -131,7 +137,7 @@ def add_adapters(
         )
         entry = adapter_entry(adapter.source, errors2[adapter.name], per_module, adapter.lora_params(),
                               sigma_size * len(module_keys), added=True)
-        write_sigma_adapter_dir(collection / ADAPTERS_DIR / adapter.name, sigmas.pop(adapter.name), config,
+        write_sigma_adapter(collection / ADAPTERS_DIR / adapter.name, sigmas.pop(adapter.name), config,
                                 adapter_card(adapter.source, bases_config.method, bases_config.r, entry))
         report.adapters[adapter.name] = entry
         if entry["mean_err2"] > warn_error:

@@ -25,15 +25,6 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
-def publish_tree(path: str | os.PathLike) -> None:
-    """Gives folders made by `tempfile` (mode 0700) under `path` the usual permissions."""
-    mode = default_mode(directory=True)
-    for root, dirs, _ in os.walk(path):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), mode)
-    os.chmod(path, mode)
-
-
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Writes JSON through a temporary file in the same folder and an atomic rename."""
     path = Path(path)
