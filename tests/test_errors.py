@@ -70,9 +70,14 @@ def test_bases_for_another_base_model_shape(coll):
         PeftModel.from_pretrained(other, str(coll / "a" / "adapters" / "task-0"))
 
 
-def test_base_model_name_mismatch(coll):
-    with pytest.raises(peft_jd.BaseModelMismatchError, match="tiny-llama"):
-        PeftModel.from_pretrained(tiny_llama(name="org/other-model"), str(coll / "a" / "adapters" / "task-0"))
+def test_base_model_name_mismatch(tmp_path):
+    make_collection(tmp_path, tiny_llama(), n_adapters=1, r=4, base_model="org/tiny-llama")
+    adapter = str(tmp_path / "adapters" / "task-0")
+    with pytest.raises(peft_jd.BaseModelMismatchError, match="org/tiny-llama"):
+        PeftModel.from_pretrained(tiny_llama(name="org/other-model"), adapter)
+    # A local path or file name is no identity: same shapes only warn.
+    with pytest.warns(UserWarning, match="org/tiny-llama"):
+        PeftModel.from_pretrained(tiny_llama(name="/models/tiny-llama"), adapter)
 
 
 def test_unknown_adapter_in_adapter_names(coll):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -30,10 +32,21 @@ def _is_supported_target(module: nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-def _same_base_model(a: Optional[str], b: Optional[str]) -> bool:
-    if not a or not b:
-        return True
-    return a.rstrip("/").split("/")[-1].lower() == b.rstrip("/").split("/")[-1].lower()
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+
+
+def _check_base_model(expected: Optional[str], actual: Optional[str], adapter_name: str) -> None:
+    """Hub ids are identities: two different ones are an error. Local paths and GGUF names are not, so only warn."""
+    if not expected or not actual or expected.rstrip("/") == actual.rstrip("/"):
+        return
+    message = (
+        f"adapter {adapter_name!r}: its bases were compressed for base model {expected!r}, but it is being loaded "
+        f"for {actual!r}."
+    )
+    if _is_hub_id(expected) and _is_hub_id(actual) and expected.lower() != actual.lower():
+        raise BaseModelMismatchError(message + " Load it on the base model it was trained for.")
+    warnings.warn(message + " Layer shapes match; make sure this is the same model.", stacklevel=3)
 
 
 class JDLoraModel(BaseTuner):
@@ -96,12 +109,7 @@ class JDLoraModel(BaseTuner):
         self._check_clusters(config, shared, adapter_name)
         model_name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
         for name in (config.base_model_name_or_path, model_name):
-            if not _same_base_model(shared.config.base_model_name_or_path, name):
-                raise BaseModelMismatchError(
-                    f"adapter {adapter_name!r}: its bases were compressed for base model "
-                    f"{shared.config.base_model_name_or_path!r}, but it is being loaded for {name!r}. Load it on the "
-                    "base model it was trained for."
-                )
+            _check_base_model(shared.config.base_model_name_or_path, name, adapter_name)
         return shared
 
     @staticmethod

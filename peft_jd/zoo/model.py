@@ -98,6 +98,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> ZooModel:
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config._name_or_path = SMOLLM2_NAME
+    model.name_or_path = SMOLLM2_NAME  # what PEFT records as the adapters' base_model_name_or_path
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     tokenizer.padding_side = "left"
     size = os.path.getsize(directory / SMOLLM2_GGUF)
