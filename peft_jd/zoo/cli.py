@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", default="jd-full", choices=["jd-full", "jd-diag"], help="compression method")
     parser.add_argument("--rank", type=int, default=16, help="rank of the shared bases")
     parser.add_argument("--clusters", type=int, default=1, help="number of clusters")
-    parser.add_argument("--test-per-task", type=int, default=16, help="test examples per task")
+    parser.add_argument("--test-per-task", type=int, default=8, help="test examples per task")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per mixed generation batch")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on LoRA training steps per task")
     parser.add_argument("--cache-dir", type=Path, default=None, help="adapter cache (default ~/.cache/peft-jd/zoo)")

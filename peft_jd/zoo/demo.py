@@ -60,7 +60,7 @@ class DemoOptions:
     method: str = "jd-full"
     rank: int = 16
     clusters: int = 1
-    test_per_task: int = 16
+    test_per_task: int = 8
     batch_size: int = 64
     throughput_batch: int = 32
     train: TrainSettings = field(default_factory=lambda: DEMO_TRAIN_SETTINGS)
