@@ -26,7 +26,15 @@ EXTRAS = {
     # which we do not need; we only read its GGUF file through transformers.
     "demo": ["gguf>=0.10", "sentencepiece", "matplotlib>=3.7"],
     "tgi": [],
-    "dev": ["pytest>=8", "ruff>=0.6", "hf_xet>=1.1", "gguf>=0.10", "bitsandbytes>=0.45", "triton>=3.2"],
+    "dev": [
+        "pytest>=8",
+        "ruff>=0.6",
+        "hf_xet>=1.1",
+        "gguf>=0.10",
+        "bitsandbytes>=0.45",
+        "triton>=3.2",
+        "matplotlib>=3.7",
+    ],
 }
 
 setup(
