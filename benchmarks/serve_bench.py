@@ -1,16 +1,18 @@
 """Mixed-batch generation throughput on SmolLM2-135M-Instruct: base, one LoRA, PEFT multi-LoRA, JD-LoRA.
 
-B requests (prompt ≈ 64 tokens, 16 new tokens, greedy) with adapters drawn uniformly from a collection of N.
-Ratios are what matter: all configurations run in one process, one after another, on the same prompts.
+B requests (prompt 64 tokens, 16 new tokens, greedy) with adapters drawn uniformly from a collection of N. Every
+setting is resident at once (three copies of the base model) and the settings are timed in interleaved rounds, so
+that a slow moment of the machine hits all of them alike; each setting reports its median over the rounds.
 
     python benchmarks/serve_bench.py                      # full run (~10 minutes on 2 cores)
-    python benchmarks/serve_bench.py --quick              # N ∈ {1, 8}, B = 8
+    python benchmarks/serve_bench.py --quick              # N ∈ {1, 8}, B = 8, 4 clusters
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -20,27 +22,6 @@ from common import TARGETS, current_rss_mb, emit, load_model, write_synthetic_co
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import peft_jd
-
-
-def generate_throughput(model, input_ids, new_tokens: int, repeats: int, **kwargs) -> dict:
-    """Best-of-`repeats` generate time (after one warm-up) → output tokens/s and requests/s."""
-    mask = torch.ones_like(input_ids)
-    gen_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    with torch.inference_mode():
-        model.generate(
-            input_ids=input_ids[:2], attention_mask=mask[:2], **gen_kwargs, **{k: v[:2] for k, v in kwargs.items()}
-        )
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs, **kwargs)
-            best = min(best, time.perf_counter() - start)
-    produced = (out.shape[1] - input_ids.shape[1]) * input_ids.shape[0]
-    return {
-        "seconds": round(best, 3),
-        "tokens_per_s": round(produced / best, 2),
-        "requests_per_s": round(input_ids.shape[0] / best, 3),
-    }
 
 
 def add_peft_loras(model, count: int, rank: int) -> PeftModel:
@@ -56,6 +37,28 @@ def lora_bytes(peft_model) -> int:
     return sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "lora_" in n)
 
 
+def load_jd_collection(tmp: Path, count: int, rank: int, clusters: int) -> tuple[PeftModel, list[str], dict]:
+    """A fresh base model with `count` synthetic JD adapters bulk-loaded; returns the model, names and load figures."""
+    model = load_model()
+    dirs = write_synthetic_collection(tmp, model, count, r=rank, clusters=clusters)
+    rss_before = current_rss_mb()
+    start = time.perf_counter()
+    jd_model = PeftModel.from_pretrained(model, dirs[0], adapter_name=Path(dirs[0]).name)
+    peft_jd.load_adapters(jd_model, dirs[1:], progress=False)
+    layers = jd_model.base_model.jd_layers().values()
+    figures = {
+        "load_s": round(time.perf_counter() - start, 2),
+        "rss_growth_mb": round(current_rss_mb() - rss_before, 1),
+        "sigma_bytes": sum(layer.jd_sigma_stack[: count + 1].nbytes for layer in layers),
+        "bases_bytes": jd_model.base_model.shared_bases.nbytes(),
+    }
+    return jd_model.eval(), [Path(d).name for d in dirs], figures
+
+
+def draw(rng: random.Random, n: int, batch: int) -> list[int]:
+    return [rng.randrange(n) for _ in range(batch)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
@@ -63,97 +66,77 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 8, 100, 1000])
     parser.add_argument("--clusters", type=int, nargs="+", default=[1, 25])
-    parser.add_argument(
-        "--peft-max",
-        type=int,
-        default=100,
-        help="most PEFT LoRAs held in memory; larger N reuse them (cost depends on distinct rows only)",
-    )
+    parser.add_argument("--peft-max", type=int, default=100,
+                        help="most PEFT LoRAs held in memory; larger N reuse them (cost depends on distinct rows)")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.batch, args.counts, args.clusters, args.peft_max, args.repeats = 8, [1, 8], [1, 4], 8, 1
+        args.batch, args.counts, args.clusters, args.peft_max, args.rounds = 8, [1, 8], [1, 4], 8, 1
     torch.set_num_threads(args.threads)
-    rng = random.Random(0)
-    model = load_model()
     torch.manual_seed(0)
+    rng = random.Random(0)
     input_ids = torch.randint(100, 40000, (args.batch, args.prompt_tokens))
-    results: dict = {"config": vars(args), "runs": []}
-    rows = []
-
-    def record(name: str, n: int, measurement: dict, **extra) -> None:
-        entry = {"setting": name, "n_adapters": n, **measurement, **extra}
-        results["runs"].append(entry)
-        rows.append([name, str(n), f"{measurement['tokens_per_s']:.1f}", f"{measurement['requests_per_s']:.2f}"])
-
-    record("base model", 0, generate_throughput(model, input_ids, args.new_tokens, args.repeats))
+    mask = torch.ones_like(input_ids)
+    gen_kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
 
     loaded = min(max(args.counts), max(args.peft_max, args.batch))
-    peft_model = add_peft_loras(model, loaded, args.rank)
+    peft_model = add_peft_loras(load_model(), loaded, args.rank)
     lora_bytes_per_adapter = lora_bytes(peft_model) // loaded
-    single = generate_throughput(peft_model, input_ids, args.new_tokens, args.repeats)
-    record("single LoRA (PEFT, unmerged)", 1, single)
+    # setting name → (model, adapter_names or None, extra fields); every model stays resident.
+    settings: dict[str, tuple] = {
+        "base model": (peft_model, None, {"n_adapters": 0}),
+        "single LoRA (PEFT, unmerged)": (peft_model, None, {"n_adapters": 1}),
+    }
     for n in sorted(args.counts):
-        # PEFT's mixed-batch cost depends on which rows share an adapter, not on how many are loaded: draw from N and
-        # relabel the distinct draws onto the loaded adapters (keeps memory bounded for N = 1000).
-        draws = [rng.randrange(n) for _ in range(args.batch)]
+        # PEFT's cost depends on which rows share an adapter, not on how many are loaded: draw from N, relabel the
+        # distinct draws onto the loaded LoRAs.
+        draws = draw(rng, n, args.batch)
         relabel = {index: f"lora-{i}" for i, index in enumerate(dict.fromkeys(draws))}
-        names = [relabel[index] for index in draws]
-        measurement = generate_throughput(peft_model, input_ids, args.new_tokens, args.repeats, adapter_names=names)
-        record(
-            "PEFT LoRA mixed batch",
-            n,
-            measurement,
-            distinct_in_batch=len(relabel),
-            loras_loaded=min(n, loaded),
-            adapter_bytes_at_n=lora_bytes_per_adapter * n,
+        settings[f"PEFT LoRA mixed batch, N={n}"] = (
+            peft_model, [relabel[i] for i in draws],
+            {"n_adapters": n, "distinct_in_batch": len(relabel), "adapter_bytes_at_n": lora_bytes_per_adapter * n},
         )
-    model = peft_model.unload()
-    del peft_model
-
-    for clusters in args.clusters:
-        with tempfile.TemporaryDirectory() as tmp:
-            dirs = write_synthetic_collection(Path(tmp), model, max(args.counts), r=args.rank, clusters=clusters)
-            rss_before = current_rss_mb()
-            start = time.perf_counter()
-            jd_model = PeftModel.from_pretrained(model, dirs[0], adapter_name=Path(dirs[0]).name)
-            loaded = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        for clusters in args.clusters:
+            jd_model, names, figures = load_jd_collection(Path(tmp) / f"c{clusters}", max(args.counts), args.rank,
+                                                          clusters)
             for n in sorted(args.counts):
-                peft_jd.load_adapters(jd_model, dirs[loaded:n], progress=False)
-                loaded = max(loaded, n)
-                load_s = time.perf_counter() - start
-                names = [Path(dirs[rng.randrange(n)]).name for _ in range(args.batch)]
-                measurement = generate_throughput(
-                    jd_model, input_ids, args.new_tokens, args.repeats, adapter_names=names
-                )
-                sigma_bytes = sum(
-                    layer.jd_sigma_stack[: n + 1].nbytes for layer in jd_model.base_model.jd_layers().values()
-                )
-                record(
-                    f"JD-LoRA mixed batch, {clusters} cluster(s)",
-                    n,
-                    measurement,
-                    distinct_in_batch=len(set(names)),
-                    sigma_bytes=sigma_bytes,
-                    bases_bytes=jd_model.base_model.shared_bases.nbytes(),
-                    cumulative_load_s=round(load_s, 2),
-                    rss_growth_mb=round(current_rss_mb() - rss_before, 1),
-                )
+                rows = [names[i] for i in draw(rng, n, args.batch)]
+                settings[f"JD-LoRA mixed batch, {clusters} cluster(s), N={n}"] = (
+                    jd_model, rows, {"n_adapters": n, "distinct_in_batch": len(set(rows)), **figures})
+
+    timings: dict[str, list[float]] = {name: [] for name in settings}
+    with torch.inference_mode():
+        for model, rows, _ in settings.values():  # warm-up
+            kwargs = {"adapter_names": rows[:2]} if rows else {}
+            model.generate(input_ids=input_ids[:2], attention_mask=mask[:2], **gen_kwargs, **kwargs)
+        for _ in range(args.rounds):
+            for name, (model, rows, _) in settings.items():
+                kwargs = {"adapter_names": rows} if rows else {}
                 start = time.perf_counter()
-            model = jd_model.unload()
-            del jd_model
-    results["lora_bytes_per_adapter"] = lora_bytes_per_adapter
-    single_tps = single["tokens_per_s"]
-    for run in results["runs"]:
-        run["vs_single_lora"] = round(run["tokens_per_s"] / single_tps, 3)
-    emit(
-        results,
-        [row + [f"{run['vs_single_lora']:.2f}"] for row, run in zip(rows, results["runs"])],
-        ["setting", "N", "tokens/s", "requests/s", "× single LoRA"],
-    )
+                if name == "base model":
+                    with model.disable_adapter():
+                        model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs)
+                else:
+                    model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs, **kwargs)
+                timings[name].append(time.perf_counter() - start)
+
+    produced = args.batch * args.new_tokens
+    single = statistics.median(timings["single LoRA (PEFT, unmerged)"])
+    results = {"config": vars(args), "lora_bytes_per_adapter": lora_bytes_per_adapter, "runs": []}
+    table = []
+    for name, (_, _, extra) in settings.items():
+        seconds = statistics.median(timings[name])
+        run = {"setting": name, **extra, "seconds_median": round(seconds, 3),
+               "seconds_all": [round(t, 3) for t in timings[name]], "tokens_per_s": round(produced / seconds, 2),
+               "requests_per_s": round(args.batch / seconds, 3), "vs_single_lora": round(single / seconds, 3)}
+        results["runs"].append(run)
+        table.append([name, str(extra.get("distinct_in_batch", "-")), f"{run['tokens_per_s']:.1f}",
+                      f"{run['requests_per_s']:.2f}", f"{run['vs_single_lora']:.3f}"])
+    emit(results, table, ["setting", "distinct", "tokens/s", "requests/s", "× single LoRA"])
 
 
 if __name__ == "__main__":
