@@ -53,13 +53,7 @@ def test_build_requests_interleaves_tasks_and_score_groups_by_task():
     assert scores["sentiment"]["n"] == 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Tiny matrices: one thread is several times faster than two on a shared 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

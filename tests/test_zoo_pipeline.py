@@ -39,13 +39,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj"]
 SMALL = TrainSettings(r=4, lora_alpha=8, batch_size=4, max_steps=6, eval_every=3, num_examples=40, val_examples=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Tiny matrices: one thread is several times faster than two on a shared 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,36 +16,27 @@ TARGETS = ["q_proj", "k_proj", "v_proj"]
 TINY_NAME = "tiny-llama"
 
 
+TINY_CONFIG = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
 def tiny_llama(seed: int = 0, name: str = TINY_NAME, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    kwargs = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    kwargs.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIG, **overrides})).eval()
     model.config._name_or_path = name
     return model
 
 
 def tiny_mistral(seed: int = 0, name: str = "tiny-mistral") -> MistralForCausalLM:
     torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        sliding_window=16,
-    )
-    model = MistralForCausalLM(config).eval()
+    model = MistralForCausalLM(MistralConfig(**TINY_CONFIG, sliding_window=16)).eval()
     model.config._name_or_path = name
     return model
 
