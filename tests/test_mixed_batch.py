@@ -132,3 +132,13 @@ def test_mixed_batch_with_different_scalings(tmp_path):
         mixed = model(input_ids=ids, adapter_names=["default", "task-1"]).logits
         torch.testing.assert_close(mixed[1:], reference(input_ids=ids[1:]).logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(mixed[:1], dense_model(base, data, "task-0")(input_ids=ids[:1]).logits)
+
+
+def test_mixed_batch_refused_while_merged(setup):
+    _, _, model = setup
+    model.merge_adapter()
+    try:
+        with pytest.raises(ValueError, match="merged"), torch.no_grad():
+            model(input_ids=torch.zeros(1, 3, dtype=torch.long), adapter_names=["default"])
+    finally:
+        model.unmerge_adapter()

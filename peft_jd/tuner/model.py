@@ -213,7 +213,10 @@ class JDLoraModel(BaseTuner):
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError(f"adapter_names must be a list of str, got {type(adapter_names).__name__}.")
-        device = next(iter(self.jd_layers().values())).jd_U.device if self.slot_table else "cpu"
+        layers = list(self.jd_layers().values())
+        if any(layer.merged for layer in layers):
+            raise ValueError("Cannot pass `adapter_names` while adapters are merged; call `unmerge_adapter()` first.")
+        device = layers[0].jd_U.device if layers else "cpu"
         row_slots = self.adapter_slots(list(adapter_names), device=device)
         previous = self.slot_table.row_slots
         self.slot_table.set_rows(row_slots)
