@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -59,9 +60,10 @@ def load_adapters(
 ) -> list[str]:
     """Loads many JD-LoRA sigma adapters into a model that already holds one adapter of the same collection.
 
-    Files are read in parallel threads. Each chunk of adapters is validated completely before anything is written
-    (a bad adapter leaves the model as it was, naming the adapter and module), then written with one indexed copy
-    per layer, so the cost per adapter is one small file read (no walk over the model's modules per adapter).
+    Files are read in parallel threads. Each chunk of adapters is validated completely before anything is
+    written: a bad adapter raises, naming the adapter and module, and leaves the model as it was before that chunk.
+    A chunk is then written with one indexed copy per layer, so the cost per adapter is one small file read (no walk
+    over the model's modules per adapter).
 
     Args:
         model: A `PeftModel` with at least one JD-LoRA adapter loaded (e.g. from `PeftModel.from_pretrained`).
@@ -91,7 +93,8 @@ def load_adapters(
     names = list(adapter_names) if adapter_names is not None else list(map(_default_name, sources, folders))
     if not len(names) == len(sources) == len(folders):
         raise ValueError(f"got {len(sources)} sources, {len(names)} adapter_names and {len(folders)} subfolders.")
-    duplicates = sorted({n for n in names if n in tuner.peft_config} | {n for n in names if names.count(n) > 1})
+    repeated = {name for name, count in Counter(names).items() if count > 1}
+    duplicates = sorted({n for n in names if n in tuner.peft_config} | repeated)
     if duplicates:
         raise ValueError(
             f"adapter name(s) already loaded or repeated: {duplicates[:10]}; pass distinct adapter_names."
