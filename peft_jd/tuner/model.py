@@ -32,6 +32,9 @@ def _is_supported_target(module: nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
+_WARNED_BASE_MODELS: set[tuple[str, str]] = set()
+
+
 def _is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
 
@@ -46,7 +49,9 @@ def _check_base_model(expected: Optional[str], actual: Optional[str], adapter_na
     )
     if _is_hub_id(expected) and _is_hub_id(actual) and expected.lower() != actual.lower():
         raise BaseModelMismatchError(message + " Load it on the base model it was trained for.")
-    warnings.warn(message + " Layer shapes match; make sure this is the same model.", stacklevel=3)
+    if (expected, actual) not in _WARNED_BASE_MODELS:  # once per pair, not once per adapter of a collection
+        _WARNED_BASE_MODELS.add((expected, actual))
+        warnings.warn(message + " Layer shapes match; make sure this is the same model.", stacklevel=3)
 
 
 class JDLoraModel(BaseTuner):
