@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         nargs="+",
         default=[10, 20],
-        help="also compress only the first n adapters (JD-Full, 1 cluster) to see the effect of n",
+        help="also compress only the first n adapters (JD-Full, 1 cluster) to see the effect of n; 0: none",
     )
     parser.add_argument("--subset-ranks", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--test-per-task", type=int, default=50)
@@ -85,6 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="8 demo tasks, ranks 8/16, clusters 1/2, 20 tests/task")
     parser.add_argument("--smoke", action="store_true", help="tiny random model: code path check in seconds")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse compressed-setting rows saved by an interrupted run with the same tasks and test split "
+        "(OUT_DIR/fidelity.partial.json); base and LoRA are always re-evaluated",
+    )
     args = parser.parse_args(argv)
     docs = Path(__file__).resolve().parent.parent / "docs"
     if args.quick or args.smoke:
@@ -110,12 +116,46 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings_grid(args: argparse.Namespace, n_total: int) -> list[Setting]:
     grid = [Setting(m, k, c, n_total) for m in args.methods for k in args.ranks for c in args.clusters]
-    grid += [Setting("jd-full", k, 1, n) for n in args.subset_sizes if n < n_total for k in args.subset_ranks]
+    grid += [Setting("jd-full", k, 1, n) for n in args.subset_sizes if 0 < n < n_total for k in args.subset_ranks]
     return grid
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+class _Checkpoint:
+    """Rows of finished compressed settings, saved after each one so an interrupted multi-hour run can resume.
+
+    Only rows from a run with the same tasks, test split and training settings are reused; the file is written
+    atomically and removed once the final report is written.
+    """
+
+    def __init__(self, path: Path, key: dict, resume: bool) -> None:
+        # Through JSON once so that tuples compare equal to the lists read back.
+        self.path, self.key = path, json.loads(json.dumps(key))
+        self.rows: dict[str, dict] = {}
+        if resume and path.exists():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("key") == self.key:
+                self.rows = saved["rows"]
+                log(f"resuming: {len(self.rows)} finished settings in {path}")
+            else:
+                log(f"not resuming from {path}: it was written for other tasks or settings")
+
+    def reuse(self, label: str, rows: list[dict]) -> bool:
+        if label not in self.rows:
+            return False
+        rows.append(self.rows[label])
+        log(f"{label}: reused from {self.path.name}")
+        return True
+
+    def save(self, label: str, row: dict) -> None:
+        self.rows[label] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "rows": self.rows}, indent=1), encoding="utf-8")
+        tmp.replace(self.path)
 
 
 def _pct(value: float | None) -> str:
@@ -197,6 +237,11 @@ def run(args: argparse.Namespace) -> dict:
     requests = build_requests(splits, per_task=args.test_per_task)
     lora_params = sum(lora_parameters(p) for p in loras.values()) / len(loras)
     rows: list[dict] = []
+    checkpoint = _Checkpoint(
+        args.out_dir / "fidelity.partial.json",
+        {"tasks": names, "test_per_task": args.test_per_task, "train_settings": asdict(settings)},
+        resume=args.resume,
+    )
 
     model = load_lora_collection(zoo, loras)
     base = evaluate(model, zoo.tokenizer, requests, BASE_ADAPTER, args.batch_size, desc="base")
@@ -210,6 +255,8 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="peft-jd-fidelity-") as scratch:
         work = Path(args.work_dir or scratch)
         for rank in args.svd_ranks:
+            if checkpoint.reuse(f"svd-r{rank}", rows):
+                continue
             svd = {n: truncate_lora(p, work / f"svd-r{rank}" / n, rank) for n, p in loras.items()}
             model = load_lora_collection(zoo, svd)
             result = evaluate(model, zoo.tokenizer, requests, None, args.batch_size, desc=f"SVD r{rank}")
@@ -220,9 +267,13 @@ def run(args: argparse.Namespace) -> dict:
             rows.append(
                 _row("svd", rank, 0, len(names), params, lora_params / params, err2, _summary(result, lora, names))
             )
+            checkpoint.save(f"svd-r{rank}", rows[-1])
             log(f"svd r{rank}: EM {rows[-1]['exact_match']:.3f} ({_pct(rows[-1]['em_retention'])} of LoRA)")
         for setting in settings_grid(args, len(names)):
+            if checkpoint.reuse(setting.label, rows):
+                continue
             rows.append(_run_setting(zoo, setting, loras, requests, lora, work, args.batch_size, lora_params))
+            checkpoint.save(setting.label, rows[-1])
             r = rows[-1]
             log(
                 f"{setting.label}: EM {r['exact_match']:.3f} ({_pct(r['em_retention'])} of LoRA), "
@@ -304,6 +355,7 @@ def main(argv=None) -> int:
     if args.results_md:
         command = " ".join(["python benchmarks/fidelity.py", *(sys.argv[1:] if argv is None else argv)])
         update_results(args.results_md, table, plot, command, closing=closing_note(report))
+    (args.out_dir / "fidelity.partial.json").unlink(missing_ok=True)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -118,3 +118,60 @@ def test_update_results_requires_markers(tmp_path):
     page.write_text("# Results without markers\n")
     with pytest.raises(ValueError, match="lacks the <!-- fidelity:begin -->"):
         fidelity_report.update_results(page, "table", None, "cmd")
+
+
+def test_interrupted_run_resumes_from_saved_rows(tmp_path, monkeypatch):
+    argv = [
+        "--smoke",
+        "--methods",
+        "jd-full",
+        "--ranks",
+        "4",
+        "8",
+        "--clusters",
+        "1",
+        "--svd-ranks",
+        "4",
+        "--subset-sizes",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
+    real_run_setting = fidelity._run_setting
+    calls = []
+
+    def crash_on_second_setting(zoo, setting, *args, **kwargs):
+        calls.append(setting.label)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real_run_setting(zoo, setting, *args, **kwargs)
+
+    monkeypatch.setattr(fidelity, "_run_setting", crash_on_second_setting)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fidelity.main(argv)
+    partial = json.loads((tmp_path / "out" / "fidelity.partial.json").read_text())
+    assert set(partial["rows"]) == {"svd-r4", "jd-full-r4-c1-n3"}
+    assert not (tmp_path / "out" / "fidelity.json").exists()
+
+    calls.clear()
+    assert fidelity.main([*argv, "--resume"]) == 0
+    assert calls == ["jd-full-r8-c1-n3"]
+    report = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    assert [(r["method"], r["rank"]) for r in report["rows"]] == [
+        ("base", 0),
+        ("lora", 4),
+        ("svd", 4),
+        ("jd-full", 4),
+        ("jd-full", 8),
+    ]
+    assert report["rows"][3] == partial["rows"]["jd-full-r4-c1-n3"]
+    assert not (tmp_path / "out" / "fidelity.partial.json").exists()
+
+    # A file written for another test split or training setting is another experiment: nothing is reused.
+    path = tmp_path / "out" / "fidelity.partial.json"
+    path.write_text(json.dumps(partial))
+    assert fidelity._Checkpoint(path, partial["key"], resume=True).rows == partial["rows"]
+    assert fidelity._Checkpoint(path, {**partial["key"], "test_per_task": 3}, resume=True).rows == {}
+    assert fidelity._Checkpoint(path, partial["key"], resume=False).rows == {}
