@@ -13,6 +13,7 @@ from .bulk import load_adapters  # noqa: E402
 from .compression import CompressionReport, add_adapters, compress  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterFormatError,
+    AdapterNameError,
     BaseModelMismatchError,
     BasesMismatchError,
     BasesNotFoundError,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BASE_ADAPTER_NAME",
     "AdapterFormatError",
+    "AdapterNameError",
     "CompressionReport",
     "BaseModelMismatchError",
     "BasesMismatchError",

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .errors import AdapterFormatError
 from .format import ADAPTER_WEIGHTS_NAME, check_finite, module_key_from_sigma_key
 from .tuner.config import JDLoraConfig
+from .tuner.slots import check_adapter_name
 
 
 def _read_adapter(
@@ -93,6 +94,8 @@ def load_adapters(
     names = list(adapter_names) if adapter_names is not None else list(map(_default_name, sources, folders))
     if not len(names) == len(sources) == len(folders):
         raise ValueError(f"got {len(sources)} sources, {len(names)} adapter_names and {len(folders)} subfolders.")
+    for name in names:
+        check_adapter_name(name)
     repeated = {name for name, count in Counter(names).items() if count > 1}
     duplicates = sorted({n for n in names if n in tuner.peft_config} | repeated)
     if duplicates:

@@ -31,3 +31,7 @@ class UnknownAdapterError(JDLoraError):
 
 class AdapterFormatError(JDLoraError):
     """An adapter or LoRA file is malformed: missing tensors, NaN/inf values, unexpected keys."""
+
+
+class AdapterNameError(JDLoraError):
+    """An adapter name cannot be used: reserved, empty, containing a dot, or clashing with a torch module attribute."""

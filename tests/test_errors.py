@@ -129,3 +129,24 @@ def test_duplicate_names_in_bulk_load(coll):
     model = PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-0"))
     with pytest.raises(ValueError, match="already loaded or repeated"):
         peft_jd.load_adapters(model, [str(coll / "a" / "adapters" / "task-1")], adapter_names=["default"])
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [("double", "clashes with the torch module attribute"), ("v1.2", "contains a dot"), ("__base__", "reserved")],
+)
+def test_unusable_adapter_names_fail_before_touching_the_model(coll, name, message):
+    task_1 = str(coll / "a" / "adapters" / "task-1")
+    model = PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-0"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(peft_jd.AdapterNameError, match=message):
+        model.load_adapter(task_1, adapter_name=name)
+    with pytest.raises(peft_jd.AdapterNameError, match=message):
+        peft_jd.load_adapters(model, [task_1], adapter_names=[name])
+    assert list(model.peft_config) == ["default"]
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    # The same adapter under a usable name still loads.
+    model.load_adapter(task_1, adapter_name=f"{name.replace('.', '_')}_ok")
+    with pytest.raises(peft_jd.AdapterNameError, match=message):
+        PeftModel.from_pretrained(tiny_llama(), task_1, adapter_name=name)

@@ -22,7 +22,7 @@ from ..errors import (
 )
 from .config import JDLoraConfig
 from .layer import JDLoraLayer, Linear
-from .slots import BASE_ADAPTER_NAME, SlotTable
+from .slots import BASE_ADAPTER_NAME, SlotTable, check_adapter_name
 
 
 def _is_supported_target(module: nn.Module) -> bool:
@@ -134,6 +134,7 @@ class JDLoraModel(BaseTuner):
                 )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        check_adapter_name(adapter_name)
         config = self.peft_config[adapter_name]
         self._injecting_bases = self._resolve_bases(config, adapter_name)
         try:

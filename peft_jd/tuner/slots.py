@@ -5,10 +5,35 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import nn
+
+from ..errors import AdapterNameError
 
 
 BASE_SLOT = 0
 BASE_ADAPTER_NAME = "__base__"
+
+
+def check_adapter_name(name: str) -> None:
+    """Raises `AdapterNameError` for a name that the layers' `nn.ParameterDict` of Σ cannot hold.
+
+    torch refuses keys with a dot and keys equal to a module attribute (`"double"`, `"train"`, `"to"`, …) with a bare
+    `KeyError` deep inside the injection; checking first keeps the model untouched and says what to do.
+    """
+    if not isinstance(name, str) or not name:
+        raise AdapterNameError(f"adapter name {name!r} must be a non-empty string.")
+    if name == BASE_ADAPTER_NAME:
+        raise AdapterNameError(f"adapter name {name!r} is reserved for base-model rows; choose another name.")
+    if "." in name:
+        raise AdapterNameError(
+            f"adapter name {name!r} contains a dot, which torch modules cannot hold; pass e.g. "
+            f"adapter_name={name.replace('.', '_')!r}."
+        )
+    if hasattr(nn.ParameterDict(), name):
+        raise AdapterNameError(
+            f"adapter name {name!r} clashes with the torch module attribute {type(nn.ParameterDict()).__name__}."
+            f"{name}; pass another adapter_name (e.g. {name + '_adapter'!r})."
+        )
 
 
 class SlotTable:

@@ -142,7 +142,7 @@ NUMBER_TASKS = [
     ("sum_digits", "Write the sum of the digits.", sum_digits),
     ("parity", "Is the number even or odd?", parity),
     ("successor", "Write the next number.", successor),
-    ("double", "Double the number.", double),
+    ("double_number", "Double the number.", double),
     ("larger", "Which number is larger?", larger),
     ("digits_to_words", "Write the number in words.", digits_to_words),
     ("words_to_digits", "Write the number in digits.", words_to_digits),
