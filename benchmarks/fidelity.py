@@ -17,6 +17,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -216,7 +217,8 @@ def _teacher_forced(model, tokenizer, splits: dict, per_task: int, batch_size: i
     return out
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, publish: Callable[[dict], None] = lambda report: None) -> dict:
+    """Trains or loads the LoRAs, evaluates base, LoRA and every setting; `publish` gets the report after each."""
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -252,6 +254,37 @@ def run(args: argparse.Namespace) -> dict:
     rows.append(_row("lora", settings.r, 0, len(names), lora_params, 1.0, 0.0, _summary(lora, lora, names)))
     log(f"base EM {base.mean():.3f}, LoRA EM {lora.mean():.3f} over {len(names)} tasks")
 
+    def report() -> dict:
+        return {
+            "model": zoo.model_id,
+            "tasks": names,
+            "test_per_task": args.test_per_task,
+            "train_settings": asdict(settings),
+            "training": {
+                n: {
+                    "steps": r.steps,
+                    "train_seconds": r.train_seconds,
+                    "val_accuracy": r.val_accuracy,
+                    "cached": r.cached,
+                }
+                for n, r in trained.items()
+            },
+            "lora_params_per_adapter": lora_params,
+            "per_task": {
+                n: {
+                    "base_em": base.per_task[n]["exact_match"],
+                    "lora_em": lora.per_task[n]["exact_match"],
+                    "lora_rouge_l": lora.per_task[n]["rouge_l"],
+                    "lora_teacher_forced_em": teacher_forced[n],
+                }
+                for n in names
+            },
+            "rows": rows,
+            "threads": torch.get_num_threads(),
+            "total_s": time.perf_counter() - start,
+        }
+
+    publish(report())
     with tempfile.TemporaryDirectory(prefix="peft-jd-fidelity-") as scratch:
         work = Path(args.work_dir or scratch)
         for rank in args.svd_ranks:
@@ -268,41 +301,21 @@ def run(args: argparse.Namespace) -> dict:
                 _row("svd", rank, 0, len(names), params, lora_params / params, err2, _summary(result, lora, names))
             )
             checkpoint.save(f"svd-r{rank}", rows[-1])
+            publish(report())
             log(f"svd r{rank}: EM {rows[-1]['exact_match']:.3f} ({_pct(rows[-1]['em_retention'])} of LoRA)")
         for setting in settings_grid(args, len(names)):
             if checkpoint.reuse(setting.label, rows):
                 continue
             rows.append(_run_setting(zoo, setting, loras, requests, lora, work, args.batch_size, lora_params))
             checkpoint.save(setting.label, rows[-1])
+            publish(report())
             r = rows[-1]
             log(
                 f"{setting.label}: EM {r['exact_match']:.3f} ({_pct(r['em_retention'])} of LoRA), "
                 f"err² {r['err2']:.3f}, {r['memory_ratio']:.1f}× smaller, agreement {r['agreement']:.1%}"
             )
 
-    return {
-        "model": zoo.model_id,
-        "tasks": names,
-        "test_per_task": args.test_per_task,
-        "train_settings": asdict(settings),
-        "training": {
-            n: {"steps": r.steps, "train_seconds": r.train_seconds, "val_accuracy": r.val_accuracy, "cached": r.cached}
-            for n, r in trained.items()
-        },
-        "lora_params_per_adapter": lora_params,
-        "per_task": {
-            n: {
-                "base_em": base.per_task[n]["exact_match"],
-                "lora_em": lora.per_task[n]["exact_match"],
-                "lora_rouge_l": lora.per_task[n]["rouge_l"],
-                "lora_teacher_forced_em": teacher_forced[n],
-            }
-            for n in names
-        },
-        "rows": rows,
-        "threads": torch.get_num_threads(),
-        "total_s": time.perf_counter() - start,
-    }
+    return report()
 
 
 def _run_setting(
@@ -345,9 +358,8 @@ def _restrict(result, requests, subset_requests):
     return EvalResult(predictions, score(subset_requests, predictions), result.seconds, result.tokens)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    report = run(args)
+def write_outputs(report: dict, args: argparse.Namespace, argv=None) -> None:
+    """JSON, markdown table, plot and the results page section for `report` (complete or so far)."""
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "fidelity.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     table = write_markdown(report, args.out_dir / "fidelity.md")
@@ -355,6 +367,13 @@ def main(argv=None) -> int:
     if args.results_md:
         command = " ".join(["python benchmarks/fidelity.py", *(sys.argv[1:] if argv is None else argv)])
         update_results(args.results_md, table, plot, command, closing=closing_note(report))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # The outputs are rewritten after every setting (marked as partial) so a long run shows results as it goes.
+    report = run(args, publish=lambda partial: write_outputs({**partial, "complete": False}, args, argv))
+    write_outputs({**report, "complete": True}, args, argv)
     (args.out_dir / "fidelity.partial.json").unlink(missing_ok=True)
     print(json.dumps(report, indent=2))
     return 0

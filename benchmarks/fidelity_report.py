@@ -95,6 +95,11 @@ def markdown(report: dict) -> str:
     lines = [
         headline(report),
         "",
+        *(
+            ["*Partial results: the run was still going when this was written.*", ""]
+            if not report.get("complete", True)
+            else []
+        ),
         "| method | rank | clusters | n | params / adapter | × smaller | err² | EM | EM kept "
         "| Rouge-L | Rouge-L kept | same as LoRA |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -153,12 +153,16 @@ def test_interrupted_run_resumes_from_saved_rows(tmp_path, monkeypatch):
         fidelity.main(argv)
     partial = json.loads((tmp_path / "out" / "fidelity.partial.json").read_text())
     assert set(partial["rows"]) == {"svd-r4", "jd-full-r4-c1-n3"}
-    assert not (tmp_path / "out" / "fidelity.json").exists()
+    # What was finished is already published, marked as partial.
+    so_far = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    assert so_far["complete"] is False and [r["method"] for r in so_far["rows"]] == ["base", "lora", "svd", "jd-full"]
+    assert "Partial results" in (tmp_path / "out" / "fidelity.md").read_text()
 
     calls.clear()
     assert fidelity.main([*argv, "--resume"]) == 0
     assert calls == ["jd-full-r8-c1-n3"]
     report = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    assert report["complete"] is True and "Partial" not in (tmp_path / "out" / "fidelity.md").read_text()
     assert [(r["method"], r["rank"]) for r in report["rows"]] == [
         ("base", 0),
         ("lora", 4),
