@@ -71,6 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also compress only the first n adapters (JD-Full, 1 cluster) to see the effect of n; 0: none",
     )
     parser.add_argument("--subset-ranks", type=int, nargs="+", default=[8, 16])
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        metavar="METHOD:RANK:CLUSTERS",
+        help="explicit settings (e.g. jd-full:16:4 jd-diag:64:1) instead of the methods × ranks × clusters grid",
+    )
     parser.add_argument("--test-per-task", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-steps", type=int, default=None, help="override the LoRA training step cap")
@@ -115,8 +122,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _parse_setting(text: str, n_total: int) -> Setting:
+    try:
+        method, rank, clusters = text.split(":")
+        return Setting(method, int(rank), int(clusters), n_total)
+    except ValueError:
+        raise SystemExit(f"--settings {text!r}: expected METHOD:RANK:CLUSTERS, e.g. jd-full:16:4") from None
+
+
 def settings_grid(args: argparse.Namespace, n_total: int) -> list[Setting]:
-    grid = [Setting(m, k, c, n_total) for m in args.methods for k in args.ranks for c in args.clusters]
+    if args.settings:
+        grid = [_parse_setting(text, n_total) for text in args.settings]
+    else:
+        grid = [Setting(m, k, c, n_total) for m in args.methods for k in args.ranks for c in args.clusters]
     grid += [Setting("jd-full", k, 1, n) for n in args.subset_sizes if 0 < n < n_total for k in args.subset_ranks]
     return grid
 

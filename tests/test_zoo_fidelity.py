@@ -179,3 +179,11 @@ def test_interrupted_run_resumes_from_saved_rows(tmp_path, monkeypatch):
     assert fidelity._Checkpoint(path, partial["key"], resume=True).rows == partial["rows"]
     assert fidelity._Checkpoint(path, {**partial["key"], "test_per_task": 3}, resume=True).rows == {}
     assert fidelity._Checkpoint(path, partial["key"], resume=False).rows == {}
+
+
+def test_explicit_settings_replace_the_grid():
+    args = fidelity.parse_args(["--settings", "jd-full:16:4", "jd-diag:64:1", "--subset-sizes", "10", "40"])
+    labels = [s.label for s in fidelity.settings_grid(args, 40)]
+    assert labels == ["jd-full-r16-c4-n40", "jd-diag-r64-c1-n40", "jd-full-r8-c1-n10", "jd-full-r16-c1-n10"]
+    with pytest.raises(SystemExit, match="METHOD:RANK:CLUSTERS"):
+        fidelity.settings_grid(fidelity.parse_args(["--settings", "jd-full-16"]), 40)
