@@ -259,7 +259,12 @@ def run(args: argparse.Namespace, publish: Callable[[dict], None] = lambda repor
     rows: list[dict] = []
     checkpoint = _Checkpoint(
         args.out_dir / "fidelity.partial.json",
-        {"tasks": names, "test_per_task": args.test_per_task, "train_settings": asdict(settings)},
+        {
+            "model": zoo.model_id,
+            "tasks": names,
+            "test_per_task": args.test_per_task,
+            "train_settings": asdict(settings),
+        },
         resume=args.resume,
     )
 

@@ -66,7 +66,7 @@ def falloff(report: dict) -> list[str]:
             (r for r in rows if (r["method"], r["clusters"]) == (method, clusters)), key=lambda r: r["rank"]
         )
         ok = [r for r in series if r["em_retention"] >= TARGET_RETENTION]
-        trend = ", ".join(f"r{r['rank']}: {r['em_retention']:.0%}" for r in series)
+        trend = ", ".join(f"r{r['rank']}: {r['em_retention']:.1%}" for r in series)
         first = f"rank {ok[0]['rank']} ({ok[0]['memory_ratio']:.1f}×)" if ok else "no rank tried"
         lines.append(
             f"- {_name(series[0]).rsplit(' rank', 1)[0]}, {clusters} cluster(s): ≥ 99% from {first}; "
@@ -78,7 +78,7 @@ def falloff(report: dict) -> list[str]:
     )
     for rank in sorted({r["rank"] for r in subsets if r["n"] != len(report["tasks"])}):
         trend = ", ".join(
-            f"n={r['n']}: {_fmt(r['em_retention'], '.0%')} (err² {r['err2']:.2f})"
+            f"n={r['n']}: {_fmt(r['em_retention'], '.1%')} (err² {r['err2']:.2f})"
             for r in subsets
             if r["rank"] == rank
         )

@@ -265,3 +265,14 @@ def test_add_to_a_diagonal_collection_reproduces_the_least_squares_sigma(loras, 
         assert report.adapters["b_again"]["err2"][module_key] == pytest.approx(value, rel=1e-4, abs=1e-9)
     sigma = load_file(out / "adapters" / "b_again" / "adapter_model.safetensors")
     assert all(t.shape == (3,) for t in sigma.values())
+
+
+def test_local_path_as_base_model_only_warns_but_two_model_ids_fail(loras, tmp_path):
+    # The same model, recorded once by id and once by the folder it was loaded from (as the zoo's older cache did).
+    from_folder = make_lora(tmp_path / "from-folder", seed=3, base=str(tmp_path / "models" / "tiny"))
+    with pytest.warns(UserWarning, match="one is a local path"):
+        report = compress([loras["a"], from_folder], tmp_path / "o1", rank=8, progress=False)
+    assert len(report.adapters) == 2
+    other_id = make_lora(tmp_path / "other-id", seed=4, base="org/another-model")
+    with pytest.raises(BaseModelMismatchError, match="other-id"):
+        compress([loras["a"], other_id], tmp_path / "o2", progress=False)

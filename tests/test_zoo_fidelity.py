@@ -107,7 +107,7 @@ def test_headline_picks_the_most_compressed_setting_that_keeps_99_percent():
     line = fidelity_report.headline(report)
     assert "JD-Full rank 8, 1 cluster keeps 99.5%" in line and "23.0×" in line and "meets the target" in line
     falloff = "\n".join(fidelity_report.falloff(report))
-    assert "≥ 99% from rank 8 (23.0×)" in falloff and "n=10: 100%" in falloff
+    assert "≥ 99% from rank 8 (23.0×)" in falloff and "n=10: 100.0%" in falloff
     low = _report([_row("jd-diag", 8, 4, 0.95, 15.0)])
     assert "No JD setting kept ≥ 99%" in fidelity_report.headline(low)
     assert "misses" in fidelity_report.headline(_report([_row("jd-full", 64, 1, 0.995, 3.0)]))
