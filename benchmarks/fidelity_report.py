@@ -184,7 +184,6 @@ def write_plot(report: dict, path: Path) -> Path | None:
     right.set_title("quality vs reconstruction error")
     if rows or svd:
         right.legend(fontsize=8)
-    right.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
