@@ -1,5 +1,17 @@
 """Exceptions raised by peft-jd. Each message names the adapter/module/file at fault and the fix."""
 
+import warnings
+
+
+_WARNED: set[tuple] = set()
+
+
+def warn_once(key: tuple, message: str, stacklevel: int = 2) -> None:
+    """Warns the first time `key` is seen in this process (e.g. once per pair of names, not once per adapter)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=stacklevel + 1)
+
 
 class JDLoraError(ValueError):
     """Base class of peft-jd errors (a `ValueError`, so PEFT-style `except ValueError` keeps working)."""

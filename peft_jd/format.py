@@ -185,6 +185,12 @@ def write_bases(
     return config
 
 
+def looks_like_local_path(name: str) -> bool:
+    """True for a model name that cannot be a Hub id (`name` or `org/name`): a path-like start, several `/`, a `\\`,
+    or a file or folder that exists."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or os.path.exists(name)
+
+
 def sort_target_modules(config_path: Path) -> None:
     """PEFT writes `target_modules` from a set in arbitrary order; sort it so that files are reproducible."""
     data = json.loads(config_path.read_text(encoding="utf-8"))

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..errors import AdapterFormatError, BaseModelMismatchError, ShapeMismatchError
-from ..format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX
+from ..errors import AdapterFormatError, BaseModelMismatchError, ShapeMismatchError, warn_once
+from ..format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX, looks_like_local_path
 
 
 _LORA_A_SUFFIX = ".lora_A.weight"
@@ -327,10 +326,6 @@ def load_lora(spec: str, hub: HubOptions | None = None) -> LoraAdapter:
     return adapter
 
 
-def _is_local_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or os.path.exists(name)
-
-
 def _same_base(a: str | None, b: str | None) -> bool:
     """False only when two names that identify a model (Hub ids, bare names) differ.
 
@@ -339,19 +334,15 @@ def _same_base(a: str | None, b: str | None) -> bool:
     """
     if not a or not b or a.rstrip("/").lower() == b.rstrip("/").lower():
         return True
-    if _is_local_path(a) or _is_local_path(b):
-        if (a, b) not in _WARNED_BASES:  # once per pair, not once per adapter
-            _WARNED_BASES.add((a, b))
-            warnings.warn(
-                f"compressing adapters whose base_model_name_or_path differ ({a!r} and {b!r}); one is a local "
-                "path, so they may be the same model. Module shapes match; make sure they are.",
-                stacklevel=3,
-            )
+    if looks_like_local_path(a) or looks_like_local_path(b):
+        warn_once(
+            ("compress", a, b),
+            f"compressing adapters whose base_model_name_or_path differ ({a!r} and {b!r}); one is a local path, so "
+            "they may be the same model. Module shapes match; make sure they are.",
+            stacklevel=3,
+        )
         return True
     return a.rstrip("/").split("/")[-1].lower() == b.rstrip("/").split("/")[-1].lower()
-
-
-_WARNED_BASES: set[tuple[str, str]] = set()
 
 
 @dataclass

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -19,7 +17,9 @@ from ..errors import (
     ShapeMismatchError,
     SigmaTypeMismatchError,
     UnknownAdapterError,
+    warn_once,
 )
+from ..format import looks_like_local_path
 from .config import JDLoraConfig
 from .layer import JDLoraLayer, Linear
 from .slots import BASE_ADAPTER_NAME, SlotTable, check_adapter_name
@@ -32,11 +32,8 @@ def _is_supported_target(module: nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-_WARNED_BASE_MODELS: set[tuple[str, str]] = set()
-
-
 def _is_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+    return name.count("/") == 1 and not looks_like_local_path(name)
 
 
 def _check_base_model(expected: Optional[str], actual: Optional[str], adapter_name: str) -> None:
@@ -49,9 +46,8 @@ def _check_base_model(expected: Optional[str], actual: Optional[str], adapter_na
     )
     if _is_hub_id(expected) and _is_hub_id(actual) and expected.lower() != actual.lower():
         raise BaseModelMismatchError(message + " Load it on the base model it was trained for.")
-    if (expected, actual) not in _WARNED_BASE_MODELS:  # once per pair, not once per adapter of a collection
-        _WARNED_BASE_MODELS.add((expected, actual))
-        warnings.warn(message + " Layer shapes match; make sure this is the same model.", stacklevel=3)
+    # Once per pair of names, not once per adapter of a collection.
+    warn_once(("load", expected, actual), message + " Layer shapes match; make sure this is the same model.", 3)
 
 
 class JDLoraModel(BaseTuner):
