@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from fidelity_report import closing_note, update_results, write_markdown, write_plot
+from fidelity_report import atomic_write_text, closing_note, update_results, write_markdown, write_plot
 
 from peft_jd.zoo.collection import (
     compress_collection,
@@ -171,10 +171,7 @@ class _Checkpoint:
 
     def save(self, label: str, row: dict) -> None:
         self.rows[label] = row
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": self.key, "rows": self.rows}, indent=1), encoding="utf-8")
-        tmp.replace(self.path)
+        atomic_write_text(self.path, json.dumps({"key": self.key, "rows": self.rows}, indent=1))
 
 
 def _pct(value: float | None) -> str:
@@ -384,7 +381,7 @@ def _restrict(result, requests, subset_requests):
 def write_outputs(report: dict, args: argparse.Namespace, argv=None) -> None:
     """JSON, markdown table, plot and the results page section for `report` (complete or so far)."""
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "fidelity.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    atomic_write_text(args.out_dir / "fidelity.json", json.dumps(report, indent=2))
     table = write_markdown(report, args.out_dir / "fidelity.md")
     plot = write_plot(report, args.out_dir / "fidelity.png")
     if args.results_md:

@@ -139,7 +139,7 @@ def markdown(report: dict) -> str:
 
 def write_markdown(report: dict, path: Path) -> str:
     text = markdown(report)
-    _atomic_write(path, text)
+    atomic_write_text(path, text)
     return text
 
 
@@ -210,10 +210,11 @@ def update_results(results_md: Path, table: str, plot: Path | None, command: str
     text = _replace_between(text, BEGIN, END, f"Produced by `{command}`.\n\n{table}{image}")
     if closing is not None and HEADLINE_BEGIN in text and HEADLINE_END in text:
         text = _replace_between(text, HEADLINE_BEGIN, HEADLINE_END, closing.rstrip() + "\n")
-    _atomic_write(results_md, text)
+    atomic_write_text(results_md, text)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes `text` through a temporary file in the same folder and a rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
