@@ -12,6 +12,8 @@ from ..errors import AdapterNameError
 
 BASE_SLOT = 0
 BASE_ADAPTER_NAME = "__base__"
+# Attribute names of the container that holds each layer's Σ parameters; adapter names must not shadow them.
+_SIGMA_CONTAINER = nn.ParameterDict()
 
 
 def check_adapter_name(name: str) -> None:
@@ -29,9 +31,9 @@ def check_adapter_name(name: str) -> None:
             f"adapter name {name!r} contains a dot, which torch modules cannot hold; pass e.g. "
             f"adapter_name={name.replace('.', '_')!r}."
         )
-    if hasattr(nn.ParameterDict(), name):
+    if hasattr(_SIGMA_CONTAINER, name):
         raise AdapterNameError(
-            f"adapter name {name!r} clashes with the torch module attribute {type(nn.ParameterDict()).__name__}."
+            f"adapter name {name!r} clashes with the torch module attribute {type(_SIGMA_CONTAINER).__name__}."
             f"{name}; pass another adapter_name (e.g. {name + '_adapter'!r})."
         )
 
