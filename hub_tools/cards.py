@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from huggingface_hub import ModelCardData
 
-from peft_jd.format import BasesConfig
+from peft_jd.core import BasesConfig
 
 from .report import AdapterReport, CollectionReport
 

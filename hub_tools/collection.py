@@ -12,7 +12,7 @@ import httpx2
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from peft_jd.format import ADAPTER_CONFIG_NAME
+from peft_jd.core import ADAPTER_CONFIG_NAME
 
 from .errors import HubToolsError, PullError
 from .pull import PulledAdapter, pull_adapter

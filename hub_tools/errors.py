@@ -1,6 +1,6 @@
 """Errors raised by hub_tools. Each names the collection, adapter or repo at fault and says how to fix it."""
 
-from peft_jd.errors import JDLoraError
+from peft_jd.core import JDLoraError
 
 
 class HubToolsError(JDLoraError):

@@ -29,8 +29,8 @@ from huggingface_hub.errors import (
     RevisionResolutionError,
 )
 
-from peft_jd.errors import BasesMismatchError, BasesNotFoundError
-from peft_jd.format import (
+from peft_jd.core import BasesMismatchError, BasesNotFoundError
+from peft_jd.core import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     BASES_CONFIG_NAME,
@@ -38,7 +38,7 @@ from peft_jd.format import (
     BasesConfig,
     atomic_directory,
 )
-from peft_jd.tuner.config import _is_relative_path, _resolve_relative_bases
+from peft_jd.core import is_relative_reference, resolve_relative_bases
 
 from .errors import PullError
 from .local import config_json_bytes, verified_sha256
@@ -123,10 +123,10 @@ def _bases_reference(config: dict, repo_id: str, subfolder: Optional[str], where
     bases, bases_subfolder = config.get("bases"), config.get("bases_subfolder")
     if not bases:
         raise PullError(f"{where}: adapter config has no `bases`; it cannot be used without its shared bases.")
-    if _is_relative_path(bases):
+    if is_relative_reference(bases):
         # Same rule as `JDLoraConfig.from_pretrained`: a relative reference names a folder of the adapter's repo.
         try:
-            bases, bases_subfolder = _resolve_relative_bases(bases, bases_subfolder, repo_id, subfolder)
+            bases, bases_subfolder = resolve_relative_bases(bases, bases_subfolder, repo_id, subfolder)
         except ValueError as exc:
             raise PullError(f"{where}: {exc}") from exc
     elif os.path.isabs(bases):

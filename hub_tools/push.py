@@ -28,7 +28,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalToken
 from huggingface_hub.utils import validate_repo_id
 from tqdm.auto import tqdm
 
-from peft_jd.format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, BASES_CONFIG_NAME, BASES_WEIGHTS_NAME
+from peft_jd.core import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, BASES_CONFIG_NAME, BASES_WEIGHTS_NAME
 
 from . import remote
 from .cards import collection_card, sigma_card

@@ -16,7 +16,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
 
-from peft_jd.format import BASES_CONFIG_NAME, BASES_WEIGHTS_NAME
+from peft_jd.core import BASES_CONFIG_NAME, BASES_WEIGHTS_NAME
 
 from .errors import PushError
 from .local import verified_sha256

@@ -2,16 +2,17 @@
 
 `import peft_jd` registers the `JDLORA` method with PEFT, after which `PeftModel.from_pretrained` loads JD-LoRA
 sigma adapters like any other PEFT adapter.
+
+Layers (see docs/architecture.md): `peft_jd.core` and `peft_jd.kernels` import neither peft nor transformers and are
+all a serving engine needs; the tuner (`peft_jd.tuner`), bulk loading, export and compression build on PEFT. When PEFT
+is not installed (a serving image), this package exposes the core only, and the PEFT-level names raise an ImportError
+that says what to install.
 """
 
-from ._registration import register as _register
+import warnings
 
-
-_register()
-
-from .bulk import load_adapters  # noqa: E402
-from .compression import CompressionReport, add_adapters, compress  # noqa: E402
-from .errors import (  # noqa: E402
+from ._compat import peft_problem
+from .core.errors import (
     AdapterFormatError,
     AdapterNameError,
     BaseModelMismatchError,
@@ -22,30 +23,48 @@ from .errors import (  # noqa: E402
     SigmaTypeMismatchError,
     UnknownAdapterError,
 )
-from .export import LoraExport, to_lora  # noqa: E402
-from .tuner import BASE_ADAPTER_NAME, JDLoraConfig, JDLoraLayer, JDLoraModel  # noqa: E402
 
 
 __version__ = "0.1.0"
 
-__all__ = [
+_PEFT_NAMES = (
     "BASE_ADAPTER_NAME",
-    "AdapterFormatError",
-    "AdapterNameError",
     "CompressionReport",
-    "BaseModelMismatchError",
-    "BasesMismatchError",
-    "BasesNotFoundError",
     "JDLoraConfig",
-    "JDLoraError",
     "JDLoraLayer",
     "JDLoraModel",
     "LoraExport",
+    "compress",
+    "extend_collection",
+    "load_adapters",
+    "to_lora",
+)
+
+__all__ = [
+    "AdapterFormatError",
+    "AdapterNameError",
+    "BaseModelMismatchError",
+    "BasesMismatchError",
+    "BasesNotFoundError",
+    "JDLoraError",
     "ShapeMismatchError",
     "SigmaTypeMismatchError",
     "UnknownAdapterError",
-    "add_adapters",
-    "compress",
-    "load_adapters",
-    "to_lora",
+    *_PEFT_NAMES,
 ]
+
+_TUNER_PROBLEM = peft_problem()
+if _TUNER_PROBLEM is None:
+    from .bulk import load_adapters
+    from .compression import CompressionReport, compress, extend_collection
+    from .export import LoraExport, to_lora
+    from .tuner import BASE_ADAPTER_NAME, JDLoraConfig, JDLoraLayer, JDLoraModel
+elif "not installed" not in _TUNER_PROBLEM:
+    # A serving image may pin another PEFT; the core stays usable there, and the tuner says why it is missing.
+    warnings.warn(f"peft-jd's PEFT tuner is unavailable: {_TUNER_PROBLEM} Only peft_jd.core is usable.", stacklevel=2)
+
+
+def __getattr__(name: str):
+    if name in _PEFT_NAMES:
+        raise ImportError(f"peft_jd.{name} needs the PEFT tuner: {_TUNER_PROBLEM}")
+    raise AttributeError(f"module 'peft_jd' has no attribute {name!r}")

@@ -11,13 +11,14 @@ from typing import Optional
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .errors import AdapterFormatError
-from .format import ADAPTER_WEIGHTS_NAME, check_finite, module_key_from_sigma_key
+from .core import AdapterFormatError
+from .core import ADAPTER_WEIGHTS_NAME, check_finite, module_key_from_sigma_key
 from .tuner.config import JDLoraConfig
+from .tuner.model import JDLoraModel
 from .tuner.slots import check_adapter_name
 
 
-def _read_adapter(
+def read_sigma_adapter(
     source: str, revision: Optional[str], hub_kwargs: dict, subfolder: Optional[str] = None
 ) -> tuple[JDLoraConfig, dict]:
     """Config (relative `bases` resolved) and Σ tensors of one sigma adapter, local or on the Hub."""
@@ -81,8 +82,6 @@ def load_adapters(
     Returns:
         The names of the loaded adapters.
     """
-    from .tuner.model import JDLoraModel
-
     tuner = getattr(model, "base_model", model)
     if not isinstance(tuner, JDLoraModel):
         raise TypeError(
@@ -109,7 +108,7 @@ def load_adapters(
             chunk_names = names[start : start + chunk_size]
             chunk_sources = sources[start : start + chunk_size]
             chunk_folders = folders[start : start + chunk_size]
-            read = list(pool.map(lambda s, f: _read_adapter(s, revision, hub_kwargs, f), chunk_sources, chunk_folders))
+            read = list(pool.map(lambda s, f: read_sigma_adapter(s, revision, hub_kwargs, f), chunk_sources, chunk_folders))
             _add_adapters(tuner, layers, chunk_names, chunk_sources, read)
             progress_bar.update(len(chunk_names))
     progress_bar.close()

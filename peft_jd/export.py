@@ -10,7 +10,9 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from .format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX, atomic_directory, sort_target_modules
+from .bulk import read_sigma_adapter
+from .core import ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX, atomic_directory, load_shared_bases, write_adapter_config
+from .tuner.model import JDLoraModel
 
 
 @dataclass
@@ -33,13 +35,10 @@ class LoraExport:
                 tmp / ADAPTER_WEIGHTS_NAME,
                 metadata={"format": "pt"},
             )
-            self.config.save_pretrained(str(tmp))
-            sort_target_modules(tmp / ADAPTER_CONFIG_NAME)
+            write_adapter_config(tmp, self.config)
 
 
 def _tuner(model):
-    from .tuner.model import JDLoraModel
-
     tuner = getattr(model, "base_model", model)
     if not isinstance(tuner, JDLoraModel):
         raise TypeError(f"expected a PeftModel with JD-LoRA adapters, got {type(model).__name__}.")
@@ -120,10 +119,7 @@ def export_adapter_to_lora(
         subfolder: Folder of the adapter inside `adapter` (collection repos).
         hub_kwargs: Passed to huggingface_hub downloads (`token`, `cache_dir`, …).
     """
-    from .bases_store import load_shared_bases
-    from .bulk import _read_adapter
-
-    config, sigmas = _read_adapter(adapter, revision, hub_kwargs, subfolder)
+    config, sigmas = read_sigma_adapter(adapter, revision, hub_kwargs, subfolder)
     shared = load_shared_bases(
         config.bases, config.bases_revision, config.bases_subfolder, config.bases_fingerprint, adapter, **hub_kwargs
     )

@@ -14,9 +14,9 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 import peft_jd  # noqa: F401  (registers JDLORA)
-from peft_jd.compression import CompressionReport, add_adapters, compress
+from peft_jd.compression import CompressionReport, extend_collection, compress
 from peft_jd.compression import engine as engine_module
-from peft_jd.errors import AdapterFormatError, BaseModelMismatchError, ShapeMismatchError
+from peft_jd.core import AdapterFormatError, BaseModelMismatchError, ShapeMismatchError
 from tests.utils import TARGETS, TINY_NAME, target_linears, tiny_llama
 
 
@@ -106,7 +106,7 @@ def test_lossy_collection_forward_and_errors_match_dense_references(loras, tmp_p
             linear.weight.data += jd_delta(out, name, module_key).float()
             delta = lora_delta(loras[name], module_key)
             err2 = float((delta - jd_delta(out, name, module_key)).norm() ** 2 / delta.norm() ** 2)
-            assert report.adapters[name]["err2"][module_key] == pytest.approx(err2, rel=1e-4, abs=1e-9)
+            assert report.adapters[name]["err2"][module_key] == pytest.approx(err2, rel=1e-3, abs=1e-9)
         got = _logits(PeftModel.from_pretrained(copy.deepcopy(base), str(out / "adapters" / name)), TOKENS)
         torch.testing.assert_close(got, _logits(merged, TOKENS), atol=1e-4, rtol=1e-4)
     assert 0 < report.mean_err2 < 1
@@ -204,23 +204,23 @@ def test_add_projects_new_loras_and_leaves_the_collection_untouched(loras, tmp_p
     before.update({p: p.read_bytes() for p in (out / "adapters").rglob("*") if p.is_file()})
     original = CompressionReport.load(out)
     with pytest.warns(UserWarning, match="'e'.*Re-compressing the collection"):
-        report = add_adapters(out, [f"a_again={loras['a']}", loras["e"]], warn_error=0.5, progress=False)
+        report = extend_collection(out, [f"a_again={loras['a']}", loras["e"]], warn_error=0.5, progress=False)
     assert all(p.read_bytes() == content for p, content in before.items())
     assert report.adapters["a_again"]["added"] and report.adapters["e"]["added"]
     # Projecting a LoRA that is already in the collection reproduces its Σ, cluster and error.
     assert report.adapters["a_again"]["cluster"] == original.adapters["a"]["cluster"]
     for module_key, value in original.adapters["a"]["err2"].items():
-        assert report.adapters["a_again"]["err2"][module_key] == pytest.approx(value, rel=1e-4, abs=1e-9)
+        assert report.adapters["a_again"]["err2"][module_key] == pytest.approx(value, rel=1e-3, abs=1e-9)
     assert len(report.warnings) == 1 and "'e'" in report.warnings[0]  # a random LoRA is far from the bases
     assert CompressionReport.load(out).data["num_adapters"] == 6
     for module_key in target_linears(tiny_llama()):
         delta = lora_delta(loras["e"], module_key)
         err2 = float((delta - jd_delta(out, "e", module_key)).norm() ** 2 / delta.norm() ** 2)
-        assert report.adapters["e"]["err2"][module_key] == pytest.approx(err2, rel=1e-4, abs=1e-9)
+        assert report.adapters["e"]["err2"][module_key] == pytest.approx(err2, rel=1e-3, abs=1e-9)
     model = PeftModel.from_pretrained(tiny_llama(), str(out / "adapters" / "e"))
     model.load_adapter(str(out / "adapters" / "a"), adapter_name="a")
     with pytest.raises(FileExistsError, match="already exist"):
-        add_adapters(out, [loras["e"]], progress=False)
+        extend_collection(out, [loras["e"]], progress=False)
 
 
 def test_target_error_picks_rank_and_records_the_choice(loras, tmp_path):
@@ -260,9 +260,9 @@ def test_hub_ids_honour_revision_token_and_cache(loras, tmp_path, monkeypatch):
 def test_add_to_a_diagonal_collection_reproduces_the_least_squares_sigma(loras, tmp_path):
     out = tmp_path / "out"
     original = compress([loras[n] for n in "abc"], out, method="jd-diag", rank=3, progress=False)
-    report = add_adapters(out, [f"b_again={loras['b']}"], warn_error=1.0, progress=False)
+    report = extend_collection(out, [f"b_again={loras['b']}"], warn_error=1.0, progress=False)
     for module_key, value in original.adapters["b"]["err2"].items():
-        assert report.adapters["b_again"]["err2"][module_key] == pytest.approx(value, rel=1e-4, abs=1e-9)
+        assert report.adapters["b_again"]["err2"][module_key] == pytest.approx(value, rel=1e-3, abs=1e-9)
     sigma = load_file(out / "adapters" / "b_again" / "adapter_model.safetensors")
     assert all(t.shape == (3,) for t in sigma.values())
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from utils import make_collection, tiny_llama
 
 import peft_jd
-from peft_jd.format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, BASES_WEIGHTS_NAME
+from peft_jd.core import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, BASES_WEIGHTS_NAME
 
 
 @pytest.fixture()

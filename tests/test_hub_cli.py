@@ -13,7 +13,7 @@ from hub_tools.cards import collection_card, human_size
 from hub_tools.cli import register
 from hub_tools.errors import CollectionError
 from hub_tools.report import parse_report, read_report
-from peft_jd.format import BasesConfig
+from peft_jd.core import BasesConfig
 
 
 pytest_plugins = ["hub_server.fixtures"]

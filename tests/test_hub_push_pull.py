@@ -28,8 +28,8 @@ from hub_tools import (
     pull_collection,
     push_collection,
 )
-from peft_jd.errors import BasesMismatchError, BasesNotFoundError
-from peft_jd.format import BASES_WEIGHTS_NAME, BasesConfig, write_sigma_adapter
+from peft_jd.core import BasesMismatchError, BasesNotFoundError
+from peft_jd.core import BASES_WEIGHTS_NAME, BasesConfig, write_sigma_adapter
 from peft_jd.tuner.config import JDLoraConfig
 
 

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from peft_jd.errors import UnknownAdapterError
+from peft_jd.core import UnknownAdapterError
 from tgi_patch import hooks
 from tgi_patch.launcher import BOOT_DIR
 from tgi_patch.settings import ShardSettings

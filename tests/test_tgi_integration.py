@@ -83,7 +83,7 @@ def tgi():
 def _write_collection(root, model, modules=tuple(JD_MODULES)):
     """Two JD adapters over `modules` (default: all seven linear modules), 2 clusters, per-module clusters for
     `jd-1`."""
-    from peft_jd.format import BasesConfig, write_bases, write_sigma_adapter
+    from peft_jd.core import BasesConfig, write_bases, write_sigma_adapter
     from peft_jd.tuner.config import JDLoraConfig
 
     gen = torch.Generator().manual_seed(0)
@@ -257,7 +257,7 @@ def test_mixed_lora_and_jd_batch_through_tgi(tgi, adapters, prefill):
 
 
 def test_unknown_adapter_ids_and_missing_jd_adapters_are_reported(tgi, adapters):
-    from peft_jd.errors import JDLoraError, UnknownAdapterError
+    from peft_jd.core import JDLoraError, UnknownAdapterError
 
     root, _, weights = adapters
     index_map = _load(tgi, root, _tgi_model(tgi, weights, tgi.dist.FakeGroup(0, 1)))
@@ -269,7 +269,7 @@ def test_unknown_adapter_ids_and_missing_jd_adapters_are_reported(tgi, adapters)
 
 
 def test_tgi_layers_reject_jd_modules_they_cannot_serve(tgi, adapters, tmp_path):
-    from peft_jd.errors import AdapterFormatError
+    from peft_jd.core import AdapterFormatError
 
     root, _, weights = adapters
     holder = _tgi_model(tgi, weights, tgi.dist.FakeGroup(0, 1))
@@ -283,7 +283,7 @@ def test_jd_modules_outside_tgi_adapter_layers_fail_loading(tgi, adapters, tmp_p
     """TGI maps `lm_head` but never prepares adapters for it: a JD adapter adapting it must not load partially."""
     from utils import tiny_llama
 
-    from peft_jd.errors import AdapterFormatError
+    from peft_jd.core import AdapterFormatError
 
     _, _, weights = adapters
     model = tiny_llama()

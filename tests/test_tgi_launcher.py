@@ -9,7 +9,7 @@ import shutil
 import pytest
 from utils import make_collection, tiny_llama
 
-from peft_jd.errors import BasesMismatchError, BasesNotFoundError, ShapeMismatchError, SigmaTypeMismatchError
+from peft_jd.core import BasesMismatchError, BasesNotFoundError, ShapeMismatchError, SigmaTypeMismatchError
 from tgi_patch import launcher, resolve
 from tgi_patch.adapter_files import ADAPTER_CONFIG_NAME
 from tgi_patch.resolve import AdapterEntry, LaunchError, parse_adapter_entries

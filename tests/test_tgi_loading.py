@@ -10,7 +10,7 @@ import pytest
 import torch
 from utils import make_collection, target_linears, tiny_llama
 
-from peft_jd.errors import AdapterFormatError, BasesNotFoundError
+from peft_jd.core import AdapterFormatError, BasesNotFoundError
 from tgi_patch import loading
 from tgi_patch.adapter_files import HubOrigin, JDAdapterSpec
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from utils import dense_delta, make_collection, tiny_llama
 
-from peft_jd.bases_store import load_shared_bases
+from peft_jd.core import load_shared_bases
 from tgi_patch.adapter_files import JDAdapterSpec, load_sigmas
 from tgi_patch.forward import apply_jd
 from tgi_patch.state import JDBatchWeights, JDServingState

@@ -8,8 +8,8 @@ import pytest
 import torch
 from utils import dense_delta, make_collection, target_linears, tiny_llama
 
-from peft_jd.bases_store import load_shared_bases
-from peft_jd.errors import BasesMismatchError, ShapeMismatchError
+from peft_jd.core import load_shared_bases
+from peft_jd.core import BasesMismatchError, ShapeMismatchError
 from tgi_patch.adapter_files import JDAdapterSpec, load_sigmas
 from tgi_patch.forward import apply_jd, jd_lora_apply_static
 from tgi_patch.state import JDBatchWeights, JDServingState
@@ -212,7 +212,7 @@ def test_errors_name_module_and_cause(tmp_path):
 
 
 def test_adapters_served_partially_are_reported(tmp_path):
-    from peft_jd.errors import AdapterFormatError
+    from peft_jd.core import AdapterFormatError
 
     model, collection, bases = _collection(tmp_path)
     state = JDServingState()

@@ -12,8 +12,8 @@ from peft.utils.peft_types import PeftType
 from utils import TARGETS, dense_delta, make_collection, target_linears, tiny_llama, tiny_mistral
 
 import peft_jd
-from peft_jd.bases_store import load_shared_bases
-from peft_jd.format import ADAPTER_WEIGHTS_NAME
+from peft_jd.core import load_shared_bases
+from peft_jd.core import ADAPTER_WEIGHTS_NAME
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,8 @@ def plain_lora_model(base, data, adapter: str):
 
 def test_registration_is_idempotent():
     assert PeftType.JDLORA == "JDLORA"
-    importlib.reload(importlib.import_module("peft_jd._registration")).register()
-    peft_jd._registration.register()
+    importlib.reload(importlib.import_module("peft_jd.tuner.peft_type"))
+    importlib.import_module("peft_jd.tuner")._register()
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.JDLORA] is peft_jd.JDLoraModel
@@ -51,7 +51,7 @@ def test_registration_is_idempotent():
 
 def test_unsupported_peft_version_is_refused():
     with pytest.raises(ImportError, match="peft-jd supports peft"):
-        peft_jd._registration.check_peft_version("0.17.0")
+        importlib.import_module("peft_jd.tuner.peft_type").check_peft_version("0.17.0")
 
 
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_mistral])

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.numpy import load_file as load_numpy
 
-from peft_jd.format import BasesConfig, write_bases, write_sigma_adapter
+from peft_jd.core import BasesConfig, write_bases, write_sigma_adapter
 from peft_jd.tuner.config import JDLoraConfig
 from peft_jd.zoo.collection import (
     compress_collection,

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from peft_jd.format import BasesConfig, write_bases, write_sigma_adapter
+from peft_jd.core import BasesConfig, write_bases, write_sigma_adapter
 from peft_jd.tuner.config import JDLoraConfig
 
 

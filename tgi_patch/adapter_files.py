@@ -127,7 +127,7 @@ class JDAdapterSpec:
         return int(cluster)
 
     def bases_reference(self, override: Optional[str] = None) -> tuple[str, Optional[str], Optional[str]]:
-        """`(location, revision, subfolder)` of the adapter's bases, as `peft_jd.bases_store` takes them.
+        """`(location, revision, subfolder)` of the adapter's bases, as `peft_jd.core.bases_store` takes them.
 
         Args:
             override: A local bases directory that replaces the adapter's own reference (the fingerprint is still
@@ -187,7 +187,7 @@ def check_against_bases(spec: JDAdapterSpec, shapes: dict[str, tuple[int, ...]],
     Args:
         spec: The adapter.
         shapes: Its Σ shapes (`sigma_shapes`).
-        bases_config: The `peft_jd.format.BasesConfig` of the bases it will be served with.
+        bases_config: The `peft_jd.core.BasesConfig` of the bases it will be served with.
         bases_label: How to name the bases in messages.
     """
     errors = _errors()

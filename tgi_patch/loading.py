@@ -36,7 +36,7 @@ class JDAdapterConfig:
     Args:
         base_model_name_or_path: Base model recorded in the adapter.
         spec: The adapter's files and config.
-        bases: The `peft_jd.bases_store.SharedBases` it is served with.
+        bases: The `peft_jd.core.bases_store.SharedBases` it is served with.
         sigmas: Module key → Σ (fp32, scaling folded in).
     """
 

@@ -3,7 +3,7 @@
 Layout, per TGI layer type (`q_proj`, `o_proj`, …) with `L` layers, `c` clusters, rank `r` and `S` adapter slots:
 
 * `U`: `(L, c, out_local, r)` and `V`: `(L, c, in_local, r)` in the model dtype, loaded once per shard from
-  `peft_jd.bases_store`. Column-parallel layers (q/k/v/gate/up) keep the rows of U that produce this rank's output
+  `peft_jd.core.bases_store`. Column-parallel layers (q/k/v/gate/up) keep the rows of U that produce this rank's output
   slice and all of V; row-parallel layers (o/down) keep the rows of V that read this rank's input slice and all of U
   (the shrink is all-reduced). Σ is replicated.
 * `sigma`: `(L, S, r, r)` (or `(L, S, r)` for diagonal Σ) in fp32 with the adapter's scaling folded in, and
@@ -151,7 +151,7 @@ def build_layer_type(layer_type: str, targets: list[TargetLayer], bases: Any, wo
     Args:
         layer_type: TGI layer type.
         targets: One entry per model layer (`L` entries).
-        bases: The `peft_jd.bases_store.SharedBases` of the collection.
+        bases: The `peft_jd.core.bases_store.SharedBases` of the collection.
         world_size: Number of tensor-parallel shards.
         rank: This shard.
         dtype: The model's dtype (the bases are stored in it; Σ stays fp32).

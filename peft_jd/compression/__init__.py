@@ -1,16 +1,16 @@
 """Joint compression of LoRA collections (JD-Full, JD-Diag, clustering, SVD baseline) into JD-LoRA collections.
 
 ```py
->>> from peft_jd.compression import compress, add_adapters
+>>> from peft_jd.compression import compress, extend_collection
 >>> report = compress(["loras/a", "loras/b", "org/lora-c@main"], "collection/", method="jd-full", rank=16)
 >>> report.mean_err2, report.sizes["compression_ratio"]
->>> add_adapters("collection/", ["loras/new"])
+>>> extend_collection("collection/", ["loras/new"])
 ```
 """
 
 from .algorithms import METHODS, ModuleResult, compress_stack, project_stack
 from .engine import compress
-from .incremental import add_adapters
+from .incremental import extend_collection
 from .lora_io import HubOptions, LoraAdapter, load_lora, load_loras
 from .report import CompressionReport
 from .stack import CanonicalStack, read_factors, read_module_stack, stack_from_factors
@@ -23,7 +23,7 @@ __all__ = [
     "HubOptions",
     "LoraAdapter",
     "ModuleResult",
-    "add_adapters",
+    "extend_collection",
     "compress",
     "compress_stack",
     "load_lora",

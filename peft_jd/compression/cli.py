@@ -88,9 +88,9 @@ def _run_compress(args: argparse.Namespace) -> int:
 
 
 def _run_add(args: argparse.Namespace) -> int:
-    from .incremental import add_adapters
+    from .incremental import extend_collection
 
-    report = add_adapters(
+    report = extend_collection(
         args.collection, args.adapters, warn_error=args.warn_error, overwrite=args.overwrite,
         revision=args.revision, token=args.token, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
         progress=not args.quiet,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..format import (
+from ..core import (
     BASES_CONFIG_NAME,
     BasesConfig,
     atomic_directory,

@@ -1,4 +1,4 @@
-"""`add_adapters(...)`: project new LoRAs onto an existing collection's bases without touching what is there."""
+"""`extend_collection(...)`: project new LoRAs onto an existing collection's bases without touching what is there."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..errors import BasesMismatchError
-from ..format import (
+from ..core import BasesMismatchError
+from ..core import (
     ADAPTER_CONFIG_NAME,
     BASES_CONFIG_NAME,
     BASES_WEIGHTS_NAME,
@@ -49,7 +49,7 @@ def _existing_target_modules(collection: Path) -> list[str] | None:
     return None
 
 
-def add_adapters(
+def extend_collection(
     collection: str | os.PathLike,
     adapters: Iterable[str | os.PathLike],
     warn_error: float = 0.6,

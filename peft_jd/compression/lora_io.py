@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..errors import AdapterFormatError, BaseModelMismatchError, ShapeMismatchError, warn_once
-from ..format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX, looks_like_local_path
+from ..core import AdapterFormatError, BaseModelMismatchError, ShapeMismatchError, warn_once
+from ..core import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX, looks_like_local_path
 
 
 _LORA_A_SUFFIX = ".lora_A.weight"

@@ -1,4 +1,4 @@
-"""`report.json` of a compressed collection and the Python object returned by `compress` / `add_adapters`."""
+"""`report.json` of a compressed collection and the Python object returned by `compress` / `extend_collection`."""
 
 from __future__ import annotations
 

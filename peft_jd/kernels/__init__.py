@@ -1,11 +1,14 @@
 """Batched JD-LoRA kernels: one entry point, `jd_lora_apply`, with a PyTorch path everywhere and Triton on CUDA.
 
 Backend choice: the `backend` argument, else the `PEFT_JD_KERNEL` environment variable (`auto`, `torch`, `triton`),
-else `auto` (Triton when the tensors are on CUDA and Triton imports, PyTorch otherwise).
+else `auto` (Triton when the tensors are on CUDA and Triton imports, PyTorch otherwise). Callers in a hot loop (the
+tuner's layers, the serving engines) resolve it once with `select_backend` when their tensors are placed and pass the
+result; `jd_lora_apply` then neither reads the environment nor probes Triton.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Union
 
@@ -19,6 +22,7 @@ __all__ = ["apply_sigma", "jd_lora_apply", "jd_lora_apply_torch", "select_backen
 _BACKENDS = ("auto", "torch", "triton")
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         from . import triton_ops  # noqa: F401
@@ -64,9 +68,12 @@ def jd_lora_apply(
         slot_index: `(T,)` int64 slot per row.
         slot_cluster: `(num_slots,)` int64 cluster per slot.
         scaling: A float, or a `(num_slots,)` tensor of per-slot multipliers.
-        backend: `"torch"`, `"triton"` or `"auto"` (see module docstring).
+        backend: `"torch"` or `"triton"` (resolved by the caller with `select_backend`), or `None`/`"auto"` to
+            resolve it here (see module docstring).
     """
-    if select_backend(x.device, backend) == "triton":
+    if backend not in ("torch", "triton"):
+        backend = select_backend(x.device, backend)
+    if backend == "triton":
         from .triton_ops import jd_lora_apply_triton
 
         return jd_lora_apply_triton(y, x, U, V, sigma_stack, slot_index, slot_cluster, scaling)

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-import posixpath
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from .._registration import PEFT_TYPE_NAME
-
-
-def _is_relative_path(path: str) -> bool:
-    return path.startswith("./") or path.startswith("../") or path in (".", "..")
+from ..core.spec import AdapterSpec, cluster_for, is_relative_reference, resolve_relative_bases
+from .peft_type import JDLORA
 
 
 @dataclass
@@ -69,7 +65,7 @@ class JDLoraConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = PEFT_TYPE_NAME
+        self.peft_type = JDLORA
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if self.sigma_type not in ("full", "diag"):
@@ -83,36 +79,20 @@ class JDLoraConfig(PeftConfig):
 
     def cluster_of(self, module_key: str) -> int:
         """Cluster id of this adapter for `module_key`."""
-        if isinstance(self.cluster, int):
-            return self.cluster
-        if module_key not in self.cluster:
-            raise KeyError(f"adapter config has no cluster for module {module_key!r}")
-        return int(self.cluster[module_key])
+        return cluster_for(self.cluster, module_key, "<adapter>")
+
+    def to_spec(self, adapter_name: str, source: str = "<config>") -> AdapterSpec:
+        """This config as the core's `AdapterSpec` (the form every validation takes)."""
+        return AdapterSpec.from_config(self.to_dict(), adapter_name, source=source)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """Loads the config and resolves a relative `bases` against the adapter's own location."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if config.bases and _is_relative_path(config.bases):
-            config.bases, config.bases_subfolder = _resolve_relative_bases(
+        if config.bases and is_relative_reference(config.bases):
+            config.bases, config.bases_subfolder = resolve_relative_bases(
                 config.bases, config.bases_subfolder, str(pretrained_model_name_or_path), subfolder
             )
             if config.bases_revision is None and not os.path.isdir(config.bases):
                 config.bases_revision = kwargs.get("revision")
         return config
-
-
-def _resolve_relative_bases(
-    bases: str, bases_subfolder: Optional[str], adapter_location: str, adapter_subfolder: Optional[str]
-) -> tuple[str, Optional[str]]:
-    local_adapter_dir = os.path.join(adapter_location, adapter_subfolder or "")
-    if os.path.isdir(local_adapter_dir):
-        return os.path.normpath(os.path.join(local_adapter_dir, bases)), bases_subfolder
-    # A Hub adapter: the bases live in the same repo, at a folder relative to the adapter's folder.
-    folder = posixpath.normpath(posixpath.join(adapter_subfolder or "", bases, bases_subfolder or ""))
-    if folder.startswith(".."):
-        raise ValueError(
-            f"adapter {adapter_location!r} points to bases {bases!r} outside its repo; "
-            "set `bases` to the bases repo id instead."
-        )
-    return adapter_location, (None if folder == "." else folder)

@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
-from ..errors import ShapeMismatchError, SigmaTypeMismatchError
+from ..core import ShapeMismatchError, SigmaTypeMismatchError
 from ..kernels import jd_lora_apply
 from .slots import SlotTable
 

@@ -10,8 +10,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from torch import nn
 
-from ..bases_store import SharedBases, load_shared_bases
-from ..errors import (
+from ..core import SharedBases, load_shared_bases
+from ..core import (
     BaseModelMismatchError,
     BasesMismatchError,
     ShapeMismatchError,
@@ -19,7 +19,7 @@ from ..errors import (
     UnknownAdapterError,
     warn_once,
 )
-from ..format import looks_like_local_path
+from ..core import looks_like_local_path
 from .config import JDLoraConfig
 from .layer import JDLoraLayer, Linear
 from .slots import BASE_ADAPTER_NAME, SlotTable, check_adapter_name

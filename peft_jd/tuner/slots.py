@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import AdapterNameError
+from ..core import AdapterNameError
 
 
 BASE_SLOT = 0

@@ -20,7 +20,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
-from ..format import atomic_directory
+from ..core import atomic_directory
 from .batching import answer_loss, make_batch
 from .model import ZooModel
 from .tasks import TASKS_VERSION, Example, Task, make_splits

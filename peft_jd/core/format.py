@@ -12,14 +12,10 @@ See `docs/format.md` for the full specification. In short:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +24,19 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import AdapterFormatError
+from .io import atomic_directory, atomic_write_json, read_json_object
+from .layout import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    BASES_CONFIG_NAME,
+    BASES_WEIGHTS_NAME,
+    CARD_NAME,
+    PEFT_KEY_PREFIX,
+    SIGMA_KEY_SUFFIX,
+    sigma_state_dict_key,
+)
 
 
-BASES_CONFIG_NAME = "jd_bases_config.json"
-BASES_WEIGHTS_NAME = "jd_bases.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-SIGMA_KEY_SUFFIX = ".jd_sigma"
-PEFT_KEY_PREFIX = "base_model.model."
 FORMAT_VERSION = 1
 
 
@@ -82,10 +83,12 @@ class BasesConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> BasesConfig:
+        if not isinstance(data, Mapping):
+            raise AdapterFormatError(f"{source}: a bases config must be a JSON object, not {type(data).__name__}.")
         data = dict(data)
         data.pop("format", None)
         version = data.get("format_version", FORMAT_VERSION)
-        if version > FORMAT_VERSION:
+        if not isinstance(version, int) or version > FORMAT_VERSION:
             raise AdapterFormatError(
                 f"{source}: bases format version {version} is newer than this peft-jd understands ({FORMAT_VERSION}). "
                 "Upgrade peft-jd."
@@ -93,13 +96,12 @@ class BasesConfig:
         try:
             data["modules"] = {k: ModuleBasesSpec(**v) for k, v in data["modules"].items()}
             return cls(**data)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise AdapterFormatError(f"{source}: malformed bases config ({exc}).") from exc
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> BasesConfig:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), source=str(path))
+        return cls.from_dict(read_json_object(path, "bases config"), source=str(path))
 
 
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
@@ -109,35 +111,6 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_directory(final_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yields a temporary sibling directory that replaces `final_dir` only if the block finishes without error.
-
-    A crash leaves at most a `.tmp-*` sibling, never a half-written `final_dir`.
-    """
-    final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    if final_dir.exists() and not overwrite:
-        raise FileExistsError(f"{final_dir} already exists; pass overwrite=True or choose another directory.")
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
-    # mkdtemp makes private (0700) folders; published collections get the usual mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_dir, 0o777 & ~umask)
-    try:
-        yield tmp_dir
-        if final_dir.exists():
-            trash = final_dir.parent / f".trash-{final_dir.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final_dir, trash)
-            os.replace(tmp_dir, final_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
@@ -179,9 +152,9 @@ def write_bases(
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, tmp / BASES_WEIGHTS_NAME, metadata={"format": "peft-jd-bases"})
         config.fingerprint = file_sha256(tmp / BASES_WEIGHTS_NAME)
-        (tmp / BASES_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
+        atomic_write_json(tmp / BASES_CONFIG_NAME, config.to_dict())
         if readme is not None:
-            (tmp / "README.md").write_text(readme, encoding="utf-8")
+            (tmp / CARD_NAME).write_text(readme, encoding="utf-8")
     return config
 
 
@@ -191,16 +164,20 @@ def looks_like_local_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or os.path.exists(name)
 
 
-def sort_target_modules(config_path: Path) -> None:
-    """PEFT writes `target_modules` from a set in arbitrary order; sort it so that files are reproducible."""
-    data = json.loads(config_path.read_text(encoding="utf-8"))
-    if isinstance(data.get("target_modules"), list):
-        data["target_modules"] = sorted(data["target_modules"])
-        config_path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+def adapter_config_dict(config: Any) -> dict[str, Any]:
+    """A PEFT adapter config (`PeftConfig` or mapping) as JSON-ready data: sets sorted, enums as their value."""
+    data = dict(config) if isinstance(config, Mapping) else config.to_dict()
+    for key, value in list(data.items()):
+        if isinstance(value, (set, frozenset)):
+            data[key] = sorted(value)
+        elif hasattr(value, "value") and isinstance(getattr(value, "value"), str):
+            data[key] = value.value
+    return data
 
 
-def sigma_state_dict_key(module_key: str) -> str:
-    return f"{PEFT_KEY_PREFIX}{module_key}{SIGMA_KEY_SUFFIX}"
+def write_adapter_config(directory: str | os.PathLike, config: Any) -> None:
+    """Writes `adapter_config.json` reproducibly (PEFT writes `target_modules` from a set, in arbitrary order)."""
+    atomic_write_json(Path(directory) / ADAPTER_CONFIG_NAME, adapter_config_dict(config))
 
 
 def module_key_from_sigma_key(key: str) -> str:
@@ -220,7 +197,7 @@ def write_sigma_adapter(
     Args:
         out_dir: Target directory.
         sigmas: Per module key, Σ of shape `(r, r)` (full) or `(r,)` (diag).
-        config: The adapter's `JDLoraConfig`.
+        config: The adapter's `JDLoraConfig` (or its dict).
         readme: Optional model card text written as `README.md`.
     """
     tensors = {}
@@ -229,7 +206,6 @@ def write_sigma_adapter(
         tensors[sigma_state_dict_key(module_key)] = sigma.detach().to("cpu", torch.float32).contiguous()
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
-        config.save_pretrained(str(tmp))
-        sort_target_modules(tmp / ADAPTER_CONFIG_NAME)
+        write_adapter_config(tmp, config)
         if readme is not None:
-            (tmp / "README.md").write_text(readme, encoding="utf-8")
+            (tmp / CARD_NAME).write_text(readme, encoding="utf-8")

@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import BasesMismatchError, BasesNotFoundError
-from .format import BASES_CONFIG_NAME, BASES_WEIGHTS_NAME, BasesConfig
+from .format import BasesConfig, looks_like_local_path
+from .hub import hub_download
+from .layout import BASES_CONFIG_NAME, BASES_WEIGHTS_NAME
 
 
 @dataclass(frozen=True)
@@ -96,49 +98,16 @@ def resolve_bases_key(bases: str, revision: Optional[str] = None, subfolder: Opt
     return BasesKey(location=bases, revision=revision, subfolder=subfolder or None)
 
 
-def _looks_like_local_path(location: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else can only be a path.
-    return os.path.isabs(location) or location.startswith(".") or location.count("/") > 1 or "\\" in location
-
-
 def _download_bases(key: BasesKey, **hub_kwargs) -> str:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
+    paths = hub_download(
+        key.location,
+        [BASES_CONFIG_NAME, BASES_WEIGHTS_NAME],
+        subfolder=key.subfolder,
+        revision=key.revision,
+        what="bases",
+        error_cls=BasesNotFoundError,
+        **hub_kwargs,
     )
-
-    try:
-        paths = [
-            hf_hub_download(key.location, name, subfolder=key.subfolder, revision=key.revision, **hub_kwargs)
-            for name in (BASES_CONFIG_NAME, BASES_WEIGHTS_NAME)
-        ]
-    except RevisionNotFoundError as exc:
-        raise BasesNotFoundError(
-            f"bases repo {key.location!r} has no revision {key.revision!r} (the adapter was compressed against it). "
-            "The bases commit may have been deleted or squashed; re-push the bases at that commit or re-compress."
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise BasesNotFoundError(
-            f"bases repo {key.location!r} not found (or not accessible with your token). Check the `bases` field of "
-            "the adapter config, log in with `hf auth login`, or pull the collection locally."
-        ) from exc
-    except LocalEntryNotFoundError as exc:
-        raise BasesNotFoundError(
-            f"bases {key.describe()} are not in the local cache and the Hub cannot be reached (offline mode or a "
-            "network error). Download them once online (`peft-jd pull <adapter>`), or unset HF_HUB_OFFLINE."
-        ) from exc
-    except EntryNotFoundError as exc:
-        raise BasesNotFoundError(
-            f"{key.describe()} has no {BASES_CONFIG_NAME}/{BASES_WEIGHTS_NAME}; it is not a JD bases folder."
-        ) from exc
-    except HfHubHTTPError as exc:
-        raise BasesNotFoundError(
-            f"downloading bases {key.describe()} failed ({exc}). Nothing was loaded; retry when the Hub answers."
-        ) from exc
     return os.path.dirname(paths[0])
 
 
@@ -191,7 +160,7 @@ def load_shared_bases(
             local_dir = os.path.join(key.location, key.subfolder or "")
             if os.path.isdir(local_dir):
                 directory = local_dir
-            elif _looks_like_local_path(key.location):
+            elif looks_like_local_path(key.location):
                 raise BasesNotFoundError(
                     f"bases directory {local_dir!r} (needed by adapter {adapter_name!r}) does not exist. Copy or pull "
                     "the collection's bases there, or fix `bases` in the adapter config."

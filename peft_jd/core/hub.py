@@ -1,0 +1,99 @@
+"""The one way peft-jd downloads files from the Hub: huggingface_hub's cache, errors mapped to clear messages, and
+sha256 checks of what was pinned.
+
+huggingface_hub is imported when a download is needed, so that reading local collections works without it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Optional
+
+from .errors import BasesMismatchError, JDLoraError
+from .format import file_sha256
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError]
+    # huggingface_hub 2.x talks HTTP through httpx2, 1.x through httpx; transport errors escape it mid-download.
+    for module_name in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(module_name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def describe(repo_id: str, subfolder: Optional[str] = None, revision: Optional[str] = None) -> str:
+    """`repo/subfolder@revision`, as messages name a Hub location."""
+    return repo_id + (f"/{subfolder.strip('/')}" if subfolder else "") + (f"@{revision}" if revision else "")
+
+
+def hub_download(
+    repo_id: str,
+    filenames: Sequence[str],
+    *,
+    subfolder: Optional[str] = None,
+    revision: Optional[str] = None,
+    what: str = "files",
+    error_cls: type[JDLoraError] = JDLoraError,
+    expected_sha256: Optional[Mapping[str, str]] = None,
+    **hub_kwargs,
+) -> list[str]:
+    """Downloads `filenames` from `repo_id[/subfolder]@revision` into the Hub cache and returns their local paths.
+
+    Args:
+        repo_id: Hub repo id.
+        filenames: File names inside `subfolder`.
+        subfolder: Folder inside the repo.
+        revision: Branch, tag or commit sha; a missing revision is an error, never a fallback.
+        what: What the files are, for messages (e.g. `"bases"`, `"adapter"`, `"LoRA"`).
+        error_cls: Exception class raised for download failures.
+        expected_sha256: File name → sha256 it must have (pinned content); a mismatch raises `BasesMismatchError`.
+        hub_kwargs: Passed to `huggingface_hub.hf_hub_download` (`token`, `cache_dir`, `local_files_only`, …).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = describe(repo_id, subfolder, revision)
+    try:
+        paths = [
+            hf_hub_download(repo_id, name, subfolder=subfolder or None, revision=revision, **hub_kwargs)
+            for name in filenames
+        ]
+    except RevisionNotFoundError as exc:
+        raise error_cls(
+            f"{what} repo {repo_id!r} has no revision {revision!r}. The commit may have been deleted or squashed; "
+            "re-push it at that commit or re-compress. Branches and tags: `huggingface_hub.list_repo_refs`."
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise error_cls(
+            f"{what} repo {repo_id!r} not found (or private and not visible with your token). Check the reference, "
+            "log in with `hf auth login` or set HF_TOKEN, or use a local copy."
+        ) from exc
+    except EntryNotFoundError as exc:
+        raise error_cls(f"{where} has no {', '.join(filenames)}; it is not a JD-LoRA {what} folder.") from exc
+    except _network_errors() as exc:
+        raise error_cls(
+            f"{what} {where} are not in the local cache and the Hub cannot be reached (offline mode or a network "
+            f"error: {exc}). Download them once online (`peft-jd pull …`), or unset HF_HUB_OFFLINE."
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise error_cls(f"downloading {what} {where} failed ({exc}). Nothing was loaded; retry when the Hub answers.") \
+            from exc
+    for name, path in zip(filenames, paths):
+        expected = (expected_sha256 or {}).get(name)
+        if expected and file_sha256(path) != expected:
+            raise BasesMismatchError(
+                f"{where}: {name} has sha256 {file_sha256(path)[:12]}…, but {expected[:12]}… was pinned. The file is "
+                "corrupt or was replaced; delete it from the cache (`hf cache delete`) and download again."
+            )
+    return [os.fspath(p) for p in paths]
