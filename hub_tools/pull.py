@@ -29,16 +29,18 @@ from huggingface_hub.errors import (
     RevisionResolutionError,
 )
 
-from peft_jd.core import BasesMismatchError, BasesNotFoundError
 from peft_jd.core import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     BASES_CONFIG_NAME,
     BASES_WEIGHTS_NAME,
     BasesConfig,
+    BasesMismatchError,
+    BasesNotFoundError,
     atomic_directory,
+    is_relative_reference,
+    resolve_relative_bases,
 )
-from peft_jd.core import is_relative_reference, resolve_relative_bases
 
 from .errors import PullError
 from .local import config_json_bytes, verified_sha256

@@ -11,8 +11,7 @@ from typing import Optional
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .core import AdapterFormatError
-from .core import ADAPTER_WEIGHTS_NAME, check_finite, module_key_from_sigma_key
+from .core import ADAPTER_WEIGHTS_NAME, AdapterFormatError, check_finite, module_key_from_sigma_key
 from .tuner.config import JDLoraConfig
 from .tuner.model import JDLoraModel
 from .tuner.slots import check_adapter_name
@@ -108,7 +107,9 @@ def load_adapters(
             chunk_names = names[start : start + chunk_size]
             chunk_sources = sources[start : start + chunk_size]
             chunk_folders = folders[start : start + chunk_size]
-            read = list(pool.map(lambda s, f: read_sigma_adapter(s, revision, hub_kwargs, f), chunk_sources, chunk_folders))
+            read = list(
+                pool.map(lambda s, f: read_sigma_adapter(s, revision, hub_kwargs, f), chunk_sources, chunk_folders)
+            )
             _add_adapters(tuner, layers, chunk_names, chunk_sources, read)
             progress_bar.update(len(chunk_names))
     progress_bar.close()

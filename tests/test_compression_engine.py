@@ -14,7 +14,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 import peft_jd  # noqa: F401  (registers JDLORA)
-from peft_jd.compression import CompressionReport, extend_collection, compress
+from peft_jd.compression import CompressionReport, compress, extend_collection
 from peft_jd.compression import engine as engine_module
 from peft_jd.core import AdapterFormatError, BaseModelMismatchError, ShapeMismatchError
 from tests.utils import TARGETS, TINY_NAME, target_linears, tiny_llama

@@ -28,8 +28,7 @@ from hub_tools import (
     pull_collection,
     push_collection,
 )
-from peft_jd.core import BasesMismatchError, BasesNotFoundError
-from peft_jd.core import BASES_WEIGHTS_NAME, BasesConfig, write_sigma_adapter
+from peft_jd.core import BASES_WEIGHTS_NAME, BasesConfig, BasesMismatchError, BasesNotFoundError, write_sigma_adapter
 from peft_jd.tuner.config import JDLoraConfig
 
 

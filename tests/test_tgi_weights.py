@@ -8,8 +8,7 @@ import pytest
 import torch
 from utils import dense_delta, make_collection, target_linears, tiny_llama
 
-from peft_jd.core import load_shared_bases
-from peft_jd.core import BasesMismatchError, ShapeMismatchError
+from peft_jd.core import BasesMismatchError, ShapeMismatchError, load_shared_bases
 from tgi_patch.adapter_files import JDAdapterSpec, load_sigmas
 from tgi_patch.forward import apply_jd, jd_lora_apply_static
 from tgi_patch.state import JDBatchWeights, JDServingState

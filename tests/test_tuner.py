@@ -12,8 +12,7 @@ from peft.utils.peft_types import PeftType
 from utils import TARGETS, dense_delta, make_collection, target_linears, tiny_llama, tiny_mistral
 
 import peft_jd
-from peft_jd.core import load_shared_bases
-from peft_jd.core import ADAPTER_WEIGHTS_NAME
+from peft_jd.core import ADAPTER_WEIGHTS_NAME, load_shared_bases
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..core import BasesMismatchError
 from ..core import (
     ADAPTER_CONFIG_NAME,
     BASES_CONFIG_NAME,
     BASES_WEIGHTS_NAME,
     BasesConfig,
+    BasesMismatchError,
     file_sha256,
     write_sigma_adapter,
 )

@@ -19,8 +19,16 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..core import AdapterFormatError, BaseModelMismatchError, ShapeMismatchError, warn_once
-from ..core import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_KEY_PREFIX, looks_like_local_path
+from ..core import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    PEFT_KEY_PREFIX,
+    AdapterFormatError,
+    BaseModelMismatchError,
+    ShapeMismatchError,
+    looks_like_local_path,
+    warn_once,
+)
 
 
 _LORA_A_SUFFIX = ".lora_A.weight"

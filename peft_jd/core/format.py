@@ -13,7 +13,6 @@ See `docs/format.md` for the full specification. In short:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -170,7 +169,7 @@ def adapter_config_dict(config: Any) -> dict[str, Any]:
     for key, value in list(data.items()):
         if isinstance(value, (set, frozenset)):
             data[key] = sorted(value)
-        elif hasattr(value, "value") and isinstance(getattr(value, "value"), str):
+        elif hasattr(value, "value") and isinstance(value.value, str):
             data[key] = value.value
     return data
 

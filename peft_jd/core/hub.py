@@ -87,8 +87,9 @@ def hub_download(
             f"error: {exc}). Download them once online (`peft-jd pull …`), or unset HF_HUB_OFFLINE."
         ) from exc
     except HfHubHTTPError as exc:
-        raise error_cls(f"downloading {what} {where} failed ({exc}). Nothing was loaded; retry when the Hub answers.") \
-            from exc
+        raise error_cls(
+            f"downloading {what} {where} failed ({exc}). Nothing was loaded; retry when the Hub answers."
+        ) from exc
     for name, path in zip(filenames, paths):
         expected = (expected_sha256 or {}).get(name)
         if expected and file_sha256(path) != expected:

@@ -58,7 +58,7 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 
 def fix_tree_modes(root: str | os.PathLike) -> None:
     """Applies `publish_mode` to every file and folder below `root` (files written by libraries use mkstemp too)."""
-    for directory, folders, files in os.walk(root):
+    for directory, _folders, files in os.walk(root):
         publish_mode(directory, directory=True)
         for name in files:
             path = os.path.join(directory, name)
@@ -94,7 +94,8 @@ def atomic_directory(final_dir: str | os.PathLike, overwrite: bool = True) -> It
 
 
 def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    """A JSON file that must hold an object; `AdapterFormatError` naming `path` if missing, not JSON or not an object."""
+    """A JSON file that must hold an object; `AdapterFormatError` naming `path` if missing, not JSON, or not an
+    object."""
     if not os.path.isfile(path):
         raise AdapterFormatError(f"{what}: {path} does not exist (not a PEFT adapter, or an incomplete download).")
     try:

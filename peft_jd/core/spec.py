@@ -120,7 +120,9 @@ class AdapterSpec:
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in cluster.items()
         )
         if not (valid_map or isinstance(cluster, int) and not isinstance(cluster, bool)):
-            raise AdapterFormatError(f"{where}: `cluster` must be an int or a map of module key to int, got {cluster!r}.")
+            raise AdapterFormatError(
+                f"{where}: `cluster` must be an int or a map of module key to int, got {cluster!r}."
+            )
         scaling = _typed(config, "scaling", (int, float), 1.0, where)
         strings = {
             key: _typed(config, key, (str,), None, where)

@@ -10,16 +10,17 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from torch import nn
 
-from ..core import SharedBases, load_shared_bases
 from ..core import (
     BaseModelMismatchError,
     BasesMismatchError,
     ShapeMismatchError,
+    SharedBases,
     SigmaTypeMismatchError,
     UnknownAdapterError,
+    load_shared_bases,
+    looks_like_local_path,
     warn_once,
 )
-from ..core import looks_like_local_path
 from .config import JDLoraConfig
 from .layer import JDLoraLayer, Linear
 from .slots import BASE_ADAPTER_NAME, SlotTable, check_adapter_name

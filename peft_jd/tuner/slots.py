@@ -7,10 +7,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..core import AdapterNameError
+from ..core.errors import AdapterNameError
+from ..core.slots import BASE_SLOT, SlotAllocator
 
 
-BASE_SLOT = 0
 BASE_ADAPTER_NAME = "__base__"
 # Attribute names of the container that holds each layer's Σ parameters; adapter names must not shadow them.
 _SIGMA_CONTAINER = nn.ParameterDict()
@@ -38,54 +38,18 @@ def check_adapter_name(name: str) -> None:
         )
 
 
-class SlotTable:
-    """Maps adapter names to rows ("slots") of every layer's stacked Σ tensor.
+class SlotTable(SlotAllocator):
+    """The model-wide slot allocator of a JD-LoRA model, plus the per-row slots of the mixed batch being run.
 
     All layers of a model use the same slot for an adapter, so a batch's per-row adapter index is computed once per
-    forward (not per layer). Slot 0 is reserved: its Σ is zero in every layer and it serves `__base__` rows.
-    Freed slots are reused; capacity grows geometrically so adding adapters one by one stays amortised O(1).
+    forward (not per layer).
     """
 
     def __init__(self, initial_capacity: int = 8):
-        self.capacity = max(2, initial_capacity)
-        self.slot_of: dict[str, int] = {}
-        self._free: list[int] = []
-        self._next = BASE_SLOT + 1
+        super().__init__(initial_capacity)
         # Set for the duration of a mixed-batch forward by `JDLoraModel._enable_peft_forward_hooks`.
         self.row_slots: Optional[torch.Tensor] = None
         self._token_slots_cache: dict[tuple, torch.Tensor] = {}
-
-    def __contains__(self, adapter_name: str) -> bool:
-        return adapter_name in self.slot_of
-
-    def __len__(self) -> int:
-        return len(self.slot_of)
-
-    def acquire(self, adapter_name: str) -> int:
-        """Slot of `adapter_name`, allocating one (and growing `capacity`) on first use."""
-        slot = self.slot_of.get(adapter_name)
-        if slot is not None:
-            return slot
-        if self._free:
-            slot = self._free.pop()
-        else:
-            slot = self._next
-            self._next += 1
-            while slot >= self.capacity:
-                self.capacity *= 2
-        self.slot_of[adapter_name] = slot
-        return slot
-
-    def reserve(self, extra: int) -> None:
-        """Grows `capacity` so that `extra` more adapters fit without further growth."""
-        needed = len(self.slot_of) + 1 + extra - len(self._free)
-        while self.capacity < max(needed, self._next):
-            self.capacity *= 2
-
-    def release(self, adapter_name: str) -> None:
-        slot = self.slot_of.pop(adapter_name, None)
-        if slot is not None:
-            self._free.append(slot)
 
     def slots_for_names(self, adapter_names: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
         """`(len(adapter_names),)` int64 slots; `__base__` maps to slot 0. Unknown names raise `KeyError`."""
