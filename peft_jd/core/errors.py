@@ -47,3 +47,11 @@ class AdapterFormatError(JDLoraError):
 
 class AdapterNameError(JDLoraError):
     """An adapter name cannot be used: reserved, empty, containing a dot, or clashing with a torch module attribute."""
+
+
+class DestinationError(JDLoraError):
+    """An output folder exists and is not a peft-jd artefact of the kind being written (nothing was written)."""
+
+
+class CollectionLockedError(JDLoraError):
+    """Another peft-jd process holds the writers' lock of a collection."""

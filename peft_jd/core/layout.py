@@ -7,6 +7,9 @@ A collection on disk (or in one Hub repo) is::
       adapters/<name>/adapter_config.json, adapters/<name>/adapter_model.safetensors, adapters/<name>/README.md
       report.json                 (written by `peft-jd compress` / `add`)
       jd_collection.json          (Hub index, written last by `peft-jd push`)
+      .peft-jd.json               (marker: written by peft-jd, with the kind of artefact; see `core.io`)
+
+Writers lock `PARENT/.ROOT.peft-jd.lock` (beside the folder, so that the lock survives the folder's atomic swap).
 
 Every other module spells these names through the constants and helpers here.
 """
@@ -32,6 +35,13 @@ BASES_CONFIG_NAME = "jd_bases_config.json"
 BASES_WEIGHTS_NAME = "jd_bases.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+MARKER_NAME = ".peft-jd.json"
+LOCK_SUFFIX = ".peft-jd.lock"
+# Kinds of folders peft-jd writes; a folder is replaced only by a writer of the same kind (or with overwrite).
+KIND_COLLECTION = "collection"
+KIND_LORA_EXPORT = "lora-export"
+KIND_SIGMA_ADAPTER = "sigma-adapter"
 
 SIGMA_KEY_SUFFIX = ".jd_sigma"
 PEFT_KEY_PREFIX = "base_model.model."
@@ -70,6 +80,12 @@ def confined_path(root: str | os.PathLike, *parts: str) -> Path:
     if resolved != resolved_root and resolved_root not in resolved.parents:
         raise AdapterNameError(f"{candidate} resolves to {resolved}, outside {resolved_root}; refusing to use it.")
     return candidate
+
+
+def lock_path(target: str | os.PathLike) -> Path:
+    """The lock file of writers of `target` (a sibling, so it outlives atomic swaps of `target`)."""
+    target = Path(target)
+    return target.parent / f".{target.name}{LOCK_SUFFIX}"
 
 
 def bases_dir(root: str | os.PathLike) -> Path:
