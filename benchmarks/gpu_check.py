@@ -69,23 +69,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def import_kernels() -> tuple[types.ModuleType, str]:
-    """`peft_jd.kernels`, imported without `peft_jd/__init__` if the installed peft/transformers do not fit it (the
-    GPU image's versions differ from ours; the kernels need torch and triton only)."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        return importlib.import_module("peft_jd.kernels"), "package"
-    except Exception as exc:  # noqa: BLE001 - any import-time failure of the optional dependencies
-        for name in [m for m in sys.modules if m == "peft_jd" or m.startswith("peft_jd.")]:
-            del sys.modules[name]
-        install_package_stub()
-        return importlib.import_module("peft_jd.kernels"), f"stub package ({type(exc).__name__}: {exc})"
-
-
-def install_package_stub() -> None:
-    """Registers an empty `peft_jd` package so that `peft_jd.kernels` imports without `peft_jd/__init__.py`."""
-    stub = types.ModuleType("peft_jd")
-    stub.__path__ = [str(ROOT / "peft_jd")]
-    sys.modules["peft_jd"] = stub
+    """`peft_jd.kernels` from this checkout. It imports neither peft nor transformers (the GPU image's versions differ
+    from ours); `peft_jd/__init__.py` skips the PEFT tuner when the installed PEFT does not fit it."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module("peft_jd.kernels"), "package"
 
 
 # ------------------------------------------------------------------------------------------------------------ tests

@@ -55,10 +55,18 @@ __all__ = [
 
 _TUNER_PROBLEM = peft_problem()
 if _TUNER_PROBLEM is None:
-    from .bulk import load_adapters  # noqa: F401
-    from .compression import CompressionReport, compress, extend_collection  # noqa: F401
-    from .export import LoraExport, to_lora  # noqa: F401
-    from .tuner import BASE_ADAPTER_NAME, JDLoraConfig, JDLoraLayer, JDLoraModel  # noqa: F401
+    try:
+        from .bulk import load_adapters  # noqa: F401
+        from .compression import CompressionReport, compress, extend_collection  # noqa: F401
+        from .export import LoraExport, to_lora  # noqa: F401
+        from .tuner import BASE_ADAPTER_NAME, JDLoraConfig, JDLoraLayer, JDLoraModel  # noqa: F401
+    except ImportError as exc:
+        # A third-party module that cannot be imported here (another transformers, a broken install) disables the
+        # tuner only; an import error inside peft-jd itself is a bug and is raised.
+        if exc.name is None or exc.name.split(".")[0] in ("peft_jd", "hub_tools"):
+            raise
+        _TUNER_PROBLEM = f"importing it failed ({exc})."
+        warnings.warn(f"peft-jd's PEFT tuner is unavailable: {_TUNER_PROBLEM} Only peft_jd.core is usable.", stacklevel=2)
 elif "not installed" not in _TUNER_PROBLEM:
     # A serving image may pin another PEFT; the core stays usable there, and the tuner says why it is missing.
     warnings.warn(f"peft-jd's PEFT tuner is unavailable: {_TUNER_PROBLEM} Only peft_jd.core is usable.", stacklevel=2)
