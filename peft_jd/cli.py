@@ -8,6 +8,8 @@ import logging
 import sys
 from typing import Optional
 
+from .core.errors import JDLoraError, UsageError
+
 
 # Modules exposing `register(subparsers)`; each adds its subcommands and sets `func` on them.
 COMMAND_MODULES = (
@@ -42,10 +44,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, OSError, KeyError, TypeError) as exc:
+    except UsageError as exc:
+        if args.verbose:
+            raise
+        parser.print_usage(sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (JDLoraError, ValueError, OSError) as exc:
+        # Bad input: the message names the file/adapter and the fix; a traceback would only hide it.
         if args.verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a bug, not bad input: say so instead of a bare traceback
+        if args.verbose:
+            raise
+        print(
+            f"error: internal error ({type(exc).__name__}: {exc}). Rerun with -v for the traceback and report it.",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -20,6 +20,7 @@ from .errors import (
     ShapeMismatchError,
     SigmaTypeMismatchError,
     UnknownAdapterError,
+    UsageError,
     warn_once,
 )
 from .format import (
@@ -117,6 +118,7 @@ __all__ = [
     "SigmaTypeMismatchError",
     "SlotAllocator",
     "UnknownAdapterError",
+    "UsageError",
     "adapter_config_dict",
     "adapter_dir",
     "adapter_subfolder",

@@ -55,3 +55,7 @@ class DestinationError(JDLoraError):
 
 class CollectionLockedError(JDLoraError):
     """Another peft-jd process holds the writers' lock of a collection."""
+
+
+class UsageError(JDLoraError):
+    """A command-line usage error (arguments that contradict each other); `peft-jd` exits with status 2."""
