@@ -12,7 +12,7 @@ from utils import dense_delta, make_collection, tiny_llama
 
 from peft_jd.core import load_shared_bases
 from tgi_patch import patches
-from tgi_patch.adapter_files import JDAdapterSpec, load_sigmas
+from tgi_patch.adapter_files import load_sigmas, read_spec
 from tgi_patch.forward import apply_jd
 from tgi_patch.state import JDBatchWeights, get_state, reset_state
 from tgi_patch.weights import COLUMN, TargetLayer
@@ -69,10 +69,11 @@ def served(tmp_path):
     state = get_state()
     targets = [TargetLayer(f"model.layers.{i}.self_attn.q_proj", COLUMN, 64, 64, torch.device("cpu")) for i in (0, 1)]
     for index, name in enumerate(["task-0", "task-1", "task-2"], start=2):
-        spec = JDAdapterSpec.from_directory(name, str(tmp_path / "adapters" / name))
+        directory = str(tmp_path / "adapters" / name)
+        spec = read_spec(name, directory)
         state.use_bases(bases, name)
-        handle = state.prepare(name, load_sigmas(spec, bases.config, "bases"), spec.cluster_of, "q_proj", targets, 1,
-                               0, torch.float32)
+        sigmas = load_sigmas(spec, directory, bases.config, "bases")
+        handle = state.prepare(name, sigmas, spec.cluster_of, "q_proj", targets, 1, 0, torch.float32)
         state.bind(index, handle.slot)
     state.finish_loading()
     layers_module = SimpleNamespace(LoraLinear=type("LoraLinear", (FakeLoraLinear,), {}))

@@ -3,12 +3,15 @@ and the serving modules under a PEFT release older than the tuner supports (TGI'
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import torch
+from utils import make_collection, tiny_llama
 
 from peft_jd.core import UnknownAdapterError
 from tgi_patch import hooks
@@ -89,21 +92,53 @@ def test_sitecustomize_activates_only_when_launched_and_chains(tmp_path):
     assert inactive.stdout.split() == ["False", "ran", "False", "False"]
 
 
-def test_serving_modules_load_under_an_older_peft(tmp_path):
-    # TGI 3.3.7's image pins peft 0.14: the tuner refuses it, the serving modules must still work.
-    code = textwrap.dedent("""
-        import sys, torch, peft
-        peft.__version__ = "0.14.0"
-        from tgi_patch._core import import_core
-        kernels = import_core("kernels")
-        y = kernels.jd_lora_apply(torch.zeros(2, 3), torch.ones(2, 4), torch.ones(1, 3, 2), torch.ones(1, 4, 2),
-                                  torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([0, 1]),
-                                  torch.zeros(2, dtype=torch.long))
-        print(hasattr(sys.modules["peft_jd"], "load_adapters"), y[0].tolist(), y[1].tolist())
-    """)
-    result = _run_python(code, {}, [REPO_ROOT])
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[0] == "False [0.0, 0.0, 0.0] [8.0, 8.0, 8.0]"
+_TGI_STACK_CHECK = """
+import json, sys, warnings
+import torch
+
+
+class BlockPeftAndTransformers:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("peft", "transformers"):
+            raise ImportError(f"{name} is blocked in this test")
+
+
+sys.meta_path.insert(0, BlockPeftAndTransformers())
+warnings.simplefilter("always")
+from tgi_patch import forward, launcher, loading, patches, resolve, state, weights  # noqa: E402
+from peft_jd.kernels import jd_lora_apply  # noqa: E402
+
+plan = launcher.plan_launch(["--jd-lora-collection", sys.argv[1]], environ={})
+_, config, _, _ = loading.load_jd_module_map("task-0", sys.argv[1] + "/adapters/task-0", None, tuple(sys.argv[2:]))
+y = jd_lora_apply(torch.zeros(2, 3), torch.ones(2, 4), torch.ones(1, 3, 2), torch.ones(1, 4, 2),
+                  torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long))
+print(json.dumps({
+    "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("peft", "transformers") or "tuner" in m),
+    "adapters": plan.env["PEFT_JD_TGI_ADAPTERS"], "sigmas": len(config.sigmas), "y": y.tolist(),
+}))
+"""
+
+
+def test_serving_modules_work_on_tgi_pinned_stack_without_peft_or_transformers(tmp_path):
+    """TGI 3.3.7's image pins peft 0.14 (the tuner refuses it): the launcher, loading and kernels import only
+    `peft_jd.core` / `peft_jd.kernels`, run with peft and transformers unimportable, and do not warn about the
+    tuner."""
+    model = tiny_llama()
+    make_collection(tmp_path / "coll", model, n_adapters=2, r=4)
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and ".layers." in name]
+    pinned = tmp_path / "pinned" / "peft-0.14.0.dist-info"  # what importlib.metadata reports in TGI's image
+    pinned.mkdir(parents=True)
+    (pinned / "METADATA").write_text("Metadata-Version: 2.1\nName: peft\nVersion: 0.14.0\n")
+    result = subprocess.run([sys.executable, "-c", _TGI_STACK_CHECK, str(tmp_path / "coll"), *names],
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(pinned.parent), REPO_ROOT])},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == [] and report["adapters"] == "task-0,task-1" and report["sigmas"] == 2 * 3
+    # y[t] += U Σ[slot] Vᵀ x[t] with all-ones U, V (rank 2) and x: slot 1 gives 2·(1+1)·2 = 8 per output.
+    assert report["y"] == [[0.0, 0.0, 0.0], [8.0, 8.0, 8.0]]
+    assert "PEFT tuner is unavailable" not in result.stderr, result.stderr
 
 
 def test_settings_from_env():

@@ -387,10 +387,13 @@ PINNED_STACK = os.environ.get("PEFT_JD_TGI_PINNED_STACK")
 
 _PINNED_CHECK = """
 import json, os, pathlib, sys
-import peft, torch, transformers
 sys.path.insert(0, {tests!r})
 import tgi_patch
+from tgi_patch import adapter_files, forward, launcher, loading, patches, resolve, state, unknown, weights
+# Before TGI imports them: the serving modules and peft_jd.core / peft_jd.kernels need neither peft nor transformers.
+before_tgi = sorted(m for m in sys.modules if m.split(".")[0] in ("peft", "transformers"))
 tgi_patch.install()
+import peft, torch, transformers
 import test_tgi_integration as t
 from types import SimpleNamespace
 modules = SimpleNamespace(**{{name: __import__(path, fromlist=["_"]) for name, path in {modules!r}.items()}})
@@ -409,7 +412,7 @@ for prefill in (True, False):
         expected = t._reference(refs["weights"], refs["deltas"], ids, inputs, name)
         errors[f"{{prefill}}-{{name}}"] = (out - expected).abs().max().item()
 print(json.dumps({{"versions": [transformers.__version__, peft.__version__], "errors": errors,
-                  "full_peft_jd": hasattr(sys.modules["peft_jd"], "load_adapters")}}))
+                  "before_tgi": before_tgi, "tuner_loaded": "peft_jd.tuner" in sys.modules}}))
 """
 
 
@@ -430,8 +433,11 @@ def test_patch_under_tgi_pinned_library_versions(tgi, adapters, tmp_path):
                "segments": "text_generation_server.utils.segments", "dist": "text_generation_server.utils.dist"}
     code = _PINNED_CHECK.format(tests=os.path.dirname(os.path.abspath(__file__)), modules=modules, root=str(root))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([PINNED_STACK, *sys.path]))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-W", "default", "-c", code], env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["versions"][1] != __import__("peft").__version__ and not report["full_peft_jd"]
+    assert report["versions"][1] != __import__("peft").__version__ and report["versions"][0].startswith("4.")
+    assert report["before_tgi"] == [] and not report["tuner_loaded"]
+    assert "PEFT tuner is unavailable" not in result.stderr, result.stderr[-3000:]
     assert max(report["errors"].values()) < 1e-4, report

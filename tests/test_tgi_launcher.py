@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
 
+import huggingface_hub
 import pytest
+from safetensors.torch import load_file, save_file
 from utils import make_collection, tiny_llama
 
-from peft_jd.core import BasesMismatchError, BasesNotFoundError, ShapeMismatchError, SigmaTypeMismatchError
+from peft_jd.core import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    BASES_CONFIG_NAME,
+    BASES_WEIGHTS_NAME,
+    AdapterFormatError,
+    AdapterNameError,
+    BasesMismatchError,
+    BasesNotFoundError,
+    ShapeMismatchError,
+    SigmaTypeMismatchError,
+)
 from tgi_patch import launcher, resolve
-from tgi_patch.adapter_files import ADAPTER_CONFIG_NAME
 from tgi_patch.resolve import AdapterEntry, LaunchError, parse_adapter_entries
 
 
@@ -35,6 +48,14 @@ def _edit_config(adapter_dir, **changes):
     config = json.loads(path.read_text())
     config.update(changes)
     path.write_text(json.dumps(config))
+
+
+def _poison_sigma(adapter_dir, value=float("nan")):
+    path = adapter_dir / ADAPTER_WEIGHTS_NAME
+    tensors = load_file(path)
+    key = sorted(tensors)[0]
+    tensors[key].view(-1)[0] = value
+    save_file(tensors, path)
 
 
 def _plain_lora(path):
@@ -101,11 +122,18 @@ def test_plan_without_jd_adapters_leaves_tgi_unchanged():
     [
         (lambda c: _edit_config(c / "adapters/task-1", bases_fingerprint="0" * 64), BasesMismatchError,
          "task-1.*fingerprint 000000000000"),
-        (lambda c: _edit_config(c / "adapters/task-1", r=8), SigmaTypeMismatchError, "task-1.*r=8"),
-        (lambda c: _edit_config(c / "adapters/task-1", cluster=5), ShapeMismatchError, "cluster 5.*2 cluster"),
+        (lambda c: _edit_config(c / "adapters/task-1", r=8), ShapeMismatchError, "task-1.*r=8.*rank 4"),
+        (lambda c: _edit_config(c / "adapters/task-1", sigma_type="diag"), SigmaTypeMismatchError,
+         "task-1.*sigma_type='diag'"),
+        (lambda c: _edit_config(c / "adapters/task-1", cluster=5), BasesMismatchError, "cluster 5.*2 cluster"),
+        (lambda c: _poison_sigma(c / "adapters/task-1"), AdapterFormatError, "task-1.*NaN or inf"),
+        (lambda c: _poison_sigma(c / "adapters/task-1", float("inf")), AdapterFormatError, "task-1.*NaN or inf"),
+        (lambda c: _edit_config(c / "adapters/task-1", modules_to_save=["lm_head"]), AdapterFormatError,
+         "task-1.*modules_to_save"),
         (lambda c: _edit_config(c / "adapters/task-1", bases="../../nowhere"), LaunchError, "nowhere.*does not exist"),
         (lambda c: (c / "bases/jd_bases.safetensors").unlink(), LaunchError, "jd_bases.safetensors does not exist"),
-        (lambda c: _edit_config(c / "adapters/task-1", peft_type="LORA"), ValueError, "peft_type='LORA'"),
+        (lambda c: _edit_config(c / "adapters/task-1", peft_type="LORA"), AdapterFormatError,
+         "peft_type='LORA'.*Pass plain LoRA adapters with --lora-adapters"),
     ],
 )
 def test_invalid_adapters_fail_at_launch(collection, edit, error, match):
@@ -139,20 +167,57 @@ def test_names_and_collections_must_be_consistent(collection, tmp_path):
         launcher.plan_launch(["--jd-lora-adapters", f"p={_plain_lora(tmp_path / 'lora')}"], environ={})
 
 
-def test_hub_entries_are_downloaded_and_served_from_local_snapshots(collection, monkeypatch):
-    calls = []
+class FakeHub:
+    """Serves `org/coll` from a local collection as the Hub cache would: each requested file is copied into a
+    snapshot folder mirroring the repo, so only what was downloaded exists there."""
 
-    def fake_snapshot(repo_id, revision, patterns):
-        calls.append((repo_id, revision, tuple(patterns)))
-        return str(collection)
+    def __init__(self, collection, cache):
+        self.collection, self.cache, self.calls = collection, cache, []
 
-    monkeypatch.setattr(resolve, "_snapshot", fake_snapshot)
+    def _fetch(self, path):
+        target = self.cache / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.collection / path, target)
+        return str(target)
+
+    def hub_download(self, repo_id, filenames, *, subfolder=None, revision=None, **kwargs):
+        self.calls.append((repo_id, subfolder, revision, tuple(filenames)))
+        assert repo_id == "org/coll" and revision == "v3"
+        return [self._fetch(f"{subfolder}/{name}" if subfolder else name) for name in filenames]
+
+    def snapshot_download(self, repo_id, revision=None, allow_patterns=()):
+        self.calls.append((repo_id, "snapshot", revision, tuple(allow_patterns)))
+        for path in sorted(self.collection.rglob("*")):
+            relative = path.relative_to(self.collection).as_posix()
+            if path.is_file() and any(fnmatch.fnmatch(relative, p) for p in allow_patterns):
+                self._fetch(relative)
+        return str(self.cache)
+
+
+def test_hub_entries_and_their_relative_bases_are_downloaded_through_the_core(collection, tmp_path, monkeypatch):
+    hub = FakeHub(collection, tmp_path / "cache")
+    monkeypatch.setattr(resolve, "hub_download", hub.hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
     plan = launcher.plan_launch(["--jd-lora-adapters", "t1=hf:org/coll/adapters/task-1@v3"], environ={})
-    assert calls == [("org/coll", "v3", ("adapters/task-1/adapter_config.json",
-                                         "adapters/task-1/adapter_model.safetensors"))]
-    assert f"t1={collection}/adapters/task-1" in plan.argv[plan.argv.index("--lora-adapters") + 1]
+    # `bases: ../../bases` of a Hub adapter names the repo's bases folder, at the adapter's revision.
+    assert hub.calls == [("org/coll", "adapters/task-1", "v3", (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)),
+                         ("org/coll", "bases", "v3", (BASES_CONFIG_NAME, BASES_WEIGHTS_NAME))]
+    assert f"t1={hub.cache}/adapters/task-1" in plan.argv[plan.argv.index("--lora-adapters") + 1]
+    assert plan.env["PEFT_JD_TGI_BASES"] == str(hub.cache / "bases")
+
+    hub.calls.clear()
     plan = launcher.plan_launch(["--jd-lora-collection", "org/coll@v3"], environ={})
-    assert calls[-1][:2] == ("org/coll", "v3") and plan.env["PEFT_JD_TGI_ADAPTERS"] == "task-0,task-1,task-2"
+    assert hub.calls[0] == ("org/coll", "snapshot", "v3", (f"adapters/*/{ADAPTER_CONFIG_NAME}",))
+    assert {call[1] for call in hub.calls[1:]} == {"adapters/task-0", "adapters/task-1", "adapters/task-2", "bases"}
+    assert plan.env["PEFT_JD_TGI_ADAPTERS"] == "task-0,task-1,task-2"
+
+
+def test_hub_collection_adapter_names_must_be_folder_names(collection, tmp_path, monkeypatch):
+    (collection / "adapters" / "task-0").rename(collection / "adapters" / "task 0")
+    hub = FakeHub(collection, tmp_path / "cache")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    with pytest.raises(AdapterNameError, match="'task 0'"):
+        launcher.plan_launch(["--jd-lora-collection", "org/coll@v3"], environ={})
 
 
 def test_main_dry_run_error_and_exec(collection, monkeypatch, capsys):

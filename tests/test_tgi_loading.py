@@ -10,9 +10,9 @@ import pytest
 import torch
 from utils import make_collection, target_linears, tiny_llama
 
-from peft_jd.core import AdapterFormatError, BasesNotFoundError
+from peft_jd.core import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, AdapterFormatError, BasesNotFoundError
 from tgi_patch import loading
-from tgi_patch.adapter_files import HubOrigin, JDAdapterSpec
+from tgi_patch.adapter_files import HubOrigin, bases_reference, read_spec
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +66,34 @@ def test_hub_adapter_downloads_files_and_resolves_relative_bases_in_its_repo(bui
     root, _, names = built
     downloads = []
 
-    def fake_download(adapter_id, revision, filename):
-        downloads.append((adapter_id, revision, filename))
-        return os.path.join(root, "adapters", "task-0", filename)
+    def fake_hub_download(repo_id, filenames, *, subfolder=None, revision=None, **kwargs):
+        downloads.append((repo_id, revision, tuple(filenames)))
+        return [os.path.join(root, "adapters", "task-0", name) for name in filenames]
 
-    monkeypatch.setattr(loading, "_download", fake_download)
+    monkeypatch.setattr(loading, "hub_download", fake_hub_download)
     directory, origin = loading.adapter_directory("org/task-0", None, "abc")
     assert directory == str(root / "adapters" / "task-0") and origin == HubOrigin("org/task-0", None, "abc")
-    spec = JDAdapterSpec.from_directory("org/task-0", directory, HubOrigin("org/coll", "adapters/task-0", "abc"))
-    assert spec.bases_reference() == ("org/coll", "abc", "bases")
-    with pytest.raises(BasesNotFoundError, match="outside its Hub repo"):
+    spec = read_spec("org/task-0", directory, HubOrigin("org/coll", "adapters/task-0", "abc"))
+    assert bases_reference(spec) == ("org/coll", "abc", "bases")
+    # The same files as the root of repo `org/task-0`: `../../bases` would leave the repo.
+    with pytest.raises(BasesNotFoundError, match="outside its repo"):
         loading.load_jd_module_map("org/task-0", None, "abc", names)
-    assert downloads == [("org/task-0", "abc", "adapter_config.json"), ("org/task-0", "abc", "adapter_config.json"),
-                         ("org/task-0", "abc", "adapter_model.safetensors")]
+    assert downloads == [("org/task-0", "abc", (ADAPTER_CONFIG_NAME,)),
+                         ("org/task-0", "abc", (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME))]
+    # With the launcher's bases directory, the adapter's own reference is not resolved.
+    _, config, _, _ = loading.load_jd_module_map("org/task-0", None, "abc", names,
+                                                 bases_override=str(root / "bases"))
+    assert config.bases.key.location == str(root / "bases")
+
+
+def test_modules_to_save_cannot_be_served(built, tmp_path):
+    root, _, names = built
+    adapter = tmp_path / "task-0"
+    shutil.copytree(root / "adapters" / "task-0", adapter)
+    config_path = adapter / ADAPTER_CONFIG_NAME
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "modules_to_save": ["score"]}))
+    with pytest.raises(AdapterFormatError, match="'x'.*modules_to_save.*TGI cannot serve"):
+        loading.load_jd_module_map("x", str(adapter), None, names, bases_override=str(root / "bases"))
 
 
 def test_corrupt_sigma_is_rejected_with_its_file(built, tmp_path):

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from utils import dense_delta, make_collection, tiny_llama
 
 from peft_jd.core import load_shared_bases
-from tgi_patch.adapter_files import JDAdapterSpec, load_sigmas
+from tgi_patch.adapter_files import load_sigmas, read_spec
 from tgi_patch.forward import apply_jd
 from tgi_patch.state import JDBatchWeights, JDServingState
 from tgi_patch.weights import COLUMN, ROW, TargetLayer
@@ -38,10 +38,11 @@ def _shard_output(root: str, parallel: str, rank: int, x: torch.Tensor, graph_sa
                for i in range(2)]
     state = JDServingState()
     for index, name in enumerate(NAMES, start=1):
-        spec = JDAdapterSpec.from_directory(name, os.path.join(root, "adapters", name))
+        directory = os.path.join(root, "adapters", name)
+        spec = read_spec(name, directory)
         state.use_bases(bases, name)
-        handle = state.prepare(name, load_sigmas(spec, bases.config, "bases"), spec.cluster_of, "q_proj", targets,
-                               WORLD_SIZE, rank, torch.float32)
+        sigmas = load_sigmas(spec, directory, bases.config, "bases")
+        handle = state.prepare(name, sigmas, spec.cluster_of, "q_proj", targets, WORLD_SIZE, rank, torch.float32)
         state.bind(index, handle.slot)
     indices = torch.tensor([0 if a is None else NAMES.index(a) + 1 for a in TOKEN_ADAPTERS])
     batch = JDBatchWeights(state.layer_types["q_proj"], state.token_slots(indices))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from utils import dense_delta, make_collection, target_linears, tiny_llama
 
-from peft_jd.core import BasesMismatchError, ShapeMismatchError, load_shared_bases
-from tgi_patch.adapter_files import JDAdapterSpec, load_sigmas
+from peft_jd.core import BASE_SLOT, BasesMismatchError, ShapeMismatchError, load_shared_bases
+from tgi_patch.adapter_files import load_sigmas, read_spec
 from tgi_patch.forward import apply_jd, jd_lora_apply_static
 from tgi_patch.state import JDBatchWeights, JDServingState
 from tgi_patch.weights import COLUMN, ROW, TargetLayer
@@ -33,10 +33,12 @@ def _targets(model, layer_type, parallel=COLUMN):
 def _prepare(state, tmp_path, bases, layer_type, targets, names=NAMES, world_size=1, rank=0):
     handles = {}
     for name in names:
-        spec = JDAdapterSpec.from_directory(name, str(tmp_path / "adapters" / name))
+        directory = str(tmp_path / "adapters" / name)
+        spec = read_spec(name, directory)
         state.use_bases(bases, name)
-        handles[name] = state.prepare(name, load_sigmas(spec, bases.config, "bases"), spec.cluster_of, layer_type,
-                                      targets, world_size, rank, torch.float32)
+        sigmas = load_sigmas(spec, directory, bases.config, "bases")
+        handles[name] = state.prepare(name, sigmas, spec.cluster_of, layer_type, targets, world_size, rank,
+                                      torch.float32)
     return handles
 
 
@@ -68,6 +70,8 @@ def test_mixed_batch_matches_dense_reference(tmp_path, clusters, sigma_type):
     state = JDServingState()
     targets = _targets(model, "k_proj")
     handles = _prepare(state, tmp_path, bases, "k_proj", targets)
+    # One model-wide slot per adapter; slot 0 (the base model's zero Σ) is never given to an adapter.
+    assert len({handles[name].slot for name in NAMES} - {BASE_SLOT}) == len(NAMES)
     _bind_tgi_indices(state, handles)
     slots = state.token_slots(torch.tensor(TGI_INDICES))
     assert slots.tolist() == [0 if a is None else handles[a].slot for a in TOKEN_ADAPTERS]
@@ -215,12 +219,14 @@ def test_adapters_served_partially_are_reported(tmp_path):
 
     model, collection, bases = _collection(tmp_path)
     state = JDServingState()
-    spec = JDAdapterSpec.from_directory("task-0", str(tmp_path / "adapters" / "task-0"))
-    sigmas = load_sigmas(spec, bases.config, "bases")
+    directory = str(tmp_path / "adapters" / "task-0")
+    spec = read_spec("task-0", directory)
+    sigmas = load_sigmas(spec, directory, bases.config, "bases")
     state.expect("task-0", set(sigmas))
     state.use_bases(bases, "task-0")
-    for layer_type in ("q_proj", "k_proj"):
-        state.prepare("task-0", sigmas, spec.cluster_of, layer_type, _targets(model, layer_type), 1, 0, torch.float32)
+    slots = {state.prepare("task-0", sigmas, spec.cluster_of, layer_type, _targets(model, layer_type), 1, 0,
+                           torch.float32).slot for layer_type in ("q_proj", "k_proj")}
+    assert len(slots) == 1  # the same slot in every layer type
     with pytest.raises(AdapterFormatError, match=r"\['task-0'\].*self_attn.v_proj"):
         state.check_served()
     state.prepare("task-0", sigmas, spec.cluster_of, "v_proj", _targets(model, "v_proj"), 1, 0, torch.float32)
@@ -266,9 +272,10 @@ def test_half_precision_model_dtype(tmp_path):
     state = JDServingState()
     targets = _targets(model, "q_proj")
     for name in NAMES:
-        spec = JDAdapterSpec.from_directory(name, str(tmp_path / "adapters" / name))
+        directory = str(tmp_path / "adapters" / name)
+        spec = read_spec(name, directory)
         state.use_bases(bases, name)
-        state.bind(NAMES.index(name) + 2, state.prepare(name, load_sigmas(spec, bases.config, "bases"),
+        state.bind(NAMES.index(name) + 2, state.prepare(name, load_sigmas(spec, directory, bases.config, "bases"),
                                                         spec.cluster_of, "q_proj", targets, 1, 0,
                                                         torch.bfloat16).slot)
     layer = state.layer_types["q_proj"]

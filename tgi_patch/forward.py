@@ -6,7 +6,9 @@ from typing import Any, Optional
 
 import torch
 
-from ._core import import_core
+from peft_jd.core import ShapeMismatchError
+from peft_jd.kernels import apply_sigma, jd_lora_apply
+
 from .state import JDBatchWeights
 from .weights import ROW
 
@@ -20,7 +22,6 @@ def jd_lora_apply_static(y: torch.Tensor, x: torch.Tensor, U: torch.Tensor, V: t
     This version runs every cluster's shrink and expand on all rows and masks the rows of other clusters, so its
     shapes depend on `x` only. It costs `c` times the FLOPs of one cluster, which is small for decode batches.
     """
-    apply_sigma = import_core("kernels").apply_sigma
     sigma_rows = sigma_stack.index_select(0, slot_index)
     x = x.to(V.dtype)
     if U.shape[0] == 1:
@@ -34,12 +35,12 @@ def jd_lora_apply_static(y: torch.Tensor, x: torch.Tensor, U: torch.Tensor, V: t
     return y
 
 
-def _kernel(device: torch.device, graph_safe: bool):
-    kernels = import_core("kernels")
+def _update(backend: str, graph_safe: bool, y: torch.Tensor, x: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
+            sigma: torch.Tensor, slots: torch.Tensor, slot_cluster: torch.Tensor) -> torch.Tensor:
     # The Triton kernels launch from shapes only and are capturable; the PyTorch one is not with several clusters.
-    if graph_safe and kernels.select_backend(device) != "triton":
-        return jd_lora_apply_static
-    return kernels.jd_lora_apply
+    if graph_safe and backend != "triton":
+        return jd_lora_apply_static(y, x, U, V, sigma, slots, slot_cluster)
+    return jd_lora_apply(y, x, U, V, sigma, slots, slot_cluster, backend=backend)
 
 
 def apply_jd(batch: JDBatchWeights, layer_id: int, x: torch.Tensor, y: torch.Tensor,
@@ -64,18 +65,18 @@ def apply_jd(batch: JDBatchWeights, layer_id: int, x: torch.Tensor, y: torch.Ten
             "JD-LoRA supports layers whose rows are the batch's tokens (not lm_head)."
         )
     if x.shape[-1] != V.shape[1] or y.shape[-1] != U.shape[1]:
-        raise import_core("errors").ShapeMismatchError(
+        raise ShapeMismatchError(
             f"{layer.layer_type} layer {layer_id}: the layer maps {x.shape[-1]} → {y.shape[-1]} features on this "
             f"shard, but its JD bases map {V.shape[1]} → {U.shape[1]}. It was compressed for another model."
         )
-    kernel = _kernel(x.device, graph_safe)
+    backend = layer.backend
     world_size = process_group.size() if process_group is not None else 1
     if layer.parallel != ROW or world_size == 1:
-        return kernel(y, x, U, V, sigma, slots, slot_cluster)
+        return _update(backend, graph_safe, y, x, U, V, sigma, slots, slot_cluster)
     # Row-parallel: Σ V_localᵀ x_local is a partial sum over shards (Σ is linear), so all-reduce the (tokens, r)
     # shrink, then expand with the replicated U. Identity bases/Σ let the same kernel do both halves.
     eye, ones = layer.identities()
     shrunk = torch.zeros(x.shape[0], layer.rank, dtype=torch.float32, device=x.device)
-    kernel(shrunk, x, eye, V, sigma, slots, slot_cluster)
+    _update(backend, graph_safe, shrunk, x, eye, V, sigma, slots, slot_cluster)
     torch.distributed.all_reduce(shrunk, group=process_group)
-    return kernel(y, shrunk, U, eye, ones, slots, slot_cluster)
+    return _update(backend, graph_safe, y, shrunk, U, eye, ones, slots, slot_cluster)

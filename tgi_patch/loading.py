@@ -10,20 +10,23 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from ._core import import_core
-from .adapter_files import (
+from peft_jd.core import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
-    HubOrigin,
-    JDAdapterSpec,
-    is_jd_config,
-    load_sigmas,
-    read_adapter_config,
+    AdapterFormatError,
+    AdapterSpec,
+    SharedBases,
+    hub_download,
+    is_jd_adapter_dir,
+    load_shared_bases,
+    sigma_state_dict_key,
 )
+
+from .adapter_files import HubOrigin, bases_reference, load_sigmas, read_spec
 
 
 logger = logging.getLogger(__name__)
@@ -35,36 +38,31 @@ class JDAdapterConfig:
 
     Args:
         base_model_name_or_path: Base model recorded in the adapter.
-        spec: The adapter's files and config.
-        bases: The `peft_jd.core.bases_store.SharedBases` it is served with.
+        spec: The adapter's parsed config.
+        bases: The shared bases it is served with.
         sigmas: Module key → Σ (fp32, scaling folded in).
     """
 
     base_model_name_or_path: Optional[str]
-    spec: JDAdapterSpec
-    bases: Any
+    spec: AdapterSpec
+    bases: SharedBases
     sigmas: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
     @property
     def adapter_id(self) -> str:
-        return self.spec.adapter_id
+        return self.spec.name
 
 
-def _download(adapter_id: str, revision: Optional[str], filename: str) -> str:
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(adapter_id, filename, revision=revision)
-
-
-def adapter_directory(adapter_id: str, adapter_path: Optional[str], revision: Optional[str]
-                      ) -> tuple[str, Optional[HubOrigin]]:
-    """Local directory of an adapter given as TGI gives it (`id=path` or a Hub id), downloading the two files."""
+def adapter_directory(adapter_id: str, adapter_path: Optional[str], revision: Optional[str],
+                      filenames: tuple[str, ...] = (ADAPTER_CONFIG_NAME,)) -> tuple[str, Optional[HubOrigin]]:
+    """Local directory of an adapter given as TGI gives it (`id=path` or a Hub id), downloading `filenames` of a Hub
+    adapter (through `peft_jd.core.hub_download`, into the Hub cache)."""
     if adapter_path:
         return adapter_path, None
     if os.path.isdir(adapter_id):
         return adapter_id, None
-    config_path = _download(adapter_id, revision, ADAPTER_CONFIG_NAME)
-    return os.path.dirname(config_path), HubOrigin(adapter_id, None, revision)
+    paths = hub_download(adapter_id, list(filenames), revision=revision, what="JD-LoRA adapter")
+    return os.path.dirname(paths[0]), HubOrigin(adapter_id, None, revision)
 
 
 def is_jd_adapter(adapter_id: str, adapter_path: Optional[str], revision: Optional[str]) -> bool:
@@ -74,10 +72,10 @@ def is_jd_adapter(adapter_id: str, adapter_path: Optional[str], revision: Option
     """
     try:
         directory, _ = adapter_directory(adapter_id, adapter_path, revision)
-        return is_jd_config(read_adapter_config(directory, adapter_id))
     except Exception as exc:  # noqa: BLE001 - TGI's LoRA loader raises its own, familiar error for these
         logger.debug("could not read the adapter config of %s: %s", adapter_id, exc)
         return False
+    return is_jd_adapter_dir(directory)
 
 
 def load_jd_module_map(adapter_id: str, adapter_path: Optional[str], revision: Optional[str],
@@ -97,20 +95,17 @@ def load_jd_module_map(adapter_id: str, adapter_path: Optional[str], revision: O
         peft_jd errors naming the adapter and module when the adapter, its bases or the model disagree, and when it
         adapts modules that TGI cannot adapt (serving it partially would silently change its outputs).
     """
-    directory, hub_origin = adapter_directory(adapter_id, adapter_path, revision)
-    if hub_origin is not None:
-        _download(adapter_id, revision, ADAPTER_WEIGHTS_NAME)
-    spec = JDAdapterSpec.from_directory(adapter_id, directory, hub_origin)
-    location, bases_revision, subfolder = spec.bases_reference(bases_override)
-    bases = import_core("bases_store").load_shared_bases(
-        location, revision=bases_revision, subfolder=subfolder,
-        expected_fingerprint=spec.bases_fingerprint, adapter_name=adapter_id,
-    )
-    sigmas = load_sigmas(spec, bases.config, bases.key.describe())
+    directory, hub_origin = adapter_directory(adapter_id, adapter_path, revision,
+                                              (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME))
+    spec = read_spec(adapter_id, directory, hub_origin, bases_override)
+    location, bases_revision, subfolder = bases_reference(spec, bases_override)
+    bases = load_shared_bases(location, revision=bases_revision, subfolder=subfolder,
+                              expected_fingerprint=spec.bases_fingerprint, adapter_name=adapter_id)
+    sigmas = load_sigmas(spec, directory, bases.config, bases.key.describe())
     unservable = sorted(set(sigmas) - set(weight_names))
     if unservable:
         shown = ", ".join(unservable[:5]) + (" …" if len(unservable) > 5 else "")
-        raise import_core("errors").AdapterFormatError(
+        raise AdapterFormatError(
             f"adapter {adapter_id!r} adapts modules TGI cannot adapt for this model: {shown}. TGI applies adapters to "
             "q/k/v/o_proj, gate/up/down_proj (and qkv_proj, c_fc, c_proj); compress the collection for those modules."
         )
@@ -118,9 +113,8 @@ def load_jd_module_map(adapter_id: str, adapter_path: Optional[str], revision: O
         logger.warning("JD adapter %r was compressed for %r, served on %r; the layer shapes are checked.",
                        adapter_id, spec.base_model_name_or_path, model_id)
     config = JDAdapterConfig(spec.base_model_name_or_path, spec, bases, sigmas)
-    fmt = import_core("format")
-    module_map = {key: {"jd_sigma": (sigma, fmt.sigma_state_dict_key(key))} for key, sigma in sigmas.items()}
-    return module_map, config, {fmt.sigma_state_dict_key(key) for key in sigmas}, None
+    module_map = {key: {"jd_sigma": (sigma, sigma_state_dict_key(key))} for key, sigma in sigmas.items()}
+    return module_map, config, {sigma_state_dict_key(key) for key in sigmas}, None
 
 
 def _same_name(a: str, b: str) -> bool:

@@ -23,7 +23,8 @@ import logging
 import os
 from typing import Any, Optional
 
-from ._core import import_core
+from peft_jd.core import AdapterFormatError, JDLoraError, ShapeMismatchError, sigma_state_dict_key
+
 from .forward import apply_jd
 from .loading import JDAdapterConfig, is_jd_adapter, load_jd_module_map
 from .settings import ShardSettings
@@ -86,36 +87,35 @@ def _device_of(layer: Any):
     """Device of a TGI layer without a plain weight (quantized layers keep packed weights as parameters or buffers)."""
     for tensor in itertools.chain(layer.parameters(), layer.buffers()):
         return tensor.device
-    raise import_core("errors").ShapeMismatchError(f"cannot tell the device of TGI layer {type(layer).__name__}")
+    raise ShapeMismatchError(f"cannot tell the device of TGI layer {type(layer).__name__}")
 
 
 def describe_target(weight_name: str, layer: Any, layer_type: str, world_size: int) -> TargetLayer:
     """The `TargetLayer` of one TGI adapter layer, or an error when TGI's layer does not apply `layer_type`."""
     from text_generation_server.layers.lora import TensorParallelAdapterRowLinear, TensorParallelMultiAdapterLinear
 
-    errors = import_core("errors")
     weight = getattr(getattr(getattr(layer, "base_layer", None), "linear", None), "weight", None)
     weight = weight if getattr(weight, "dim", lambda: 0)() == 2 else None
     device = weight.device if weight is not None else _device_of(layer)
     if isinstance(layer, TensorParallelAdapterRowLinear):
         if layer.layer_name != layer_type:
-            raise errors.AdapterFormatError(f"TGI's layer for {weight_name} applies {layer.layer_name!r} adapters.")
+            raise AdapterFormatError(f"TGI's layer for {weight_name} applies {layer.layer_name!r} adapters.")
         in_full = weight.shape[1] * world_size if weight is not None else None
         return TargetLayer(weight_name, ROW, weight.shape[0] if weight is not None else None, in_full, device)
     if not isinstance(layer, TensorParallelMultiAdapterLinear):
-        raise errors.AdapterFormatError(
+        raise AdapterFormatError(
             f"{weight_name} is a {type(layer).__name__} in TGI; JD-LoRA is served on TGI's adapter linear layers only."
         )
     names = list(layer.layer_names or [])
     if layer_type not in names:
-        raise errors.AdapterFormatError(
+        raise AdapterFormatError(
             f"TGI's layer for {weight_name} applies adapters named {names}, not {layer_type!r}; this model cannot "
             "serve a JD adapter on that module."
         )
     if layer.sizes is not None:
         out_full = layer.sizes[names.index(layer_type)]
     elif world_size > 1:
-        raise errors.ShapeMismatchError(
+        raise ShapeMismatchError(
             f"{weight_name}: TGI fuses this layer's outputs per shard in a layout JD-LoRA does not shard; serve this "
             "model with --num-shard 1."
         )
@@ -131,7 +131,7 @@ def _prepare_jd(config: JDAdapterConfig, layer_type: str, unused_weight_names: s
         return None
     missing = [key for key in keys if key not in target_to_layer]
     if missing:
-        raise import_core("errors").AdapterFormatError(
+        raise AdapterFormatError(
             f"adapter {config.adapter_id!r} adapts {layer_type}, which this model lacks in layers "
             f"{[key[0] for key in missing][:8]}."
         )
@@ -140,9 +140,8 @@ def _prepare_jd(config: JDAdapterConfig, layer_type: str, unused_weight_names: s
     state.use_bases(config.bases, config.adapter_id)
     weights = state.prepare(config.adapter_id, config.sigmas, config.spec.cluster_of, layer_type, targets,
                             world_size, process_group.rank(), dtype)
-    fmt = import_core("format")
     for target in targets:
-        unused_weight_names.discard(fmt.sigma_state_dict_key(target.module_key))
+        unused_weight_names.discard(sigma_state_dict_key(target.module_key))
     return weights
 
 
@@ -174,10 +173,10 @@ def patch_models(module) -> None:
         shard.base_aliases.add(model_id)
         model = original(model_id, lora_adapters, *args, **kwargs)
         state = get_state(create=False)
-        served = set(state.slot_of) if state is not None else set()
+        served = state.served_adapters() if state is not None else set()
         missing = [name for name in shard.jd_adapters if name not in served]
         if missing:
-            raise import_core("errors").JDLoraError(
+            raise JDLoraError(
                 f"JD-LoRA adapters {missing} were not loaded as JD adapters; check the shard log above for the cause."
             )
         if served:

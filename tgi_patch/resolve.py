@@ -18,8 +18,25 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from ._core import import_core
-from .adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, JDAdapterSpec, check_against_bases, sigma_shapes
+from peft_jd.core import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    ADAPTERS_DIR,
+    BASES_CONFIG_NAME,
+    BASES_WEIGHTS_NAME,
+    AdapterFormatError,
+    AdapterSpec,
+    BasesConfig,
+    BasesNotFoundError,
+    adapter_dir,
+    adapter_subfolder,
+    adapters_dir,
+    hub_download,
+    is_jd_adapter_dir,
+    looks_like_local_path,
+)
+
+from .adapter_files import HubOrigin, load_sigmas, read_spec
 
 
 class LaunchError(ValueError):
@@ -79,43 +96,55 @@ def parse_adapter_entries(value: str) -> list[AdapterEntry]:
     return entries
 
 
-def _snapshot(repo_id: str, revision: Optional[str], patterns: list[str]) -> str:
+def _hub_adapter_names(repo_id: str, revision: Optional[str]) -> list[str]:
+    """Names of the `adapters/<name>/` folders of a Hub collection (downloads their configs only).
+
+    `peft_jd.core.hub_download` fetches known file names; listing a repo's folders needs `snapshot_download`.
+    """
     from huggingface_hub import snapshot_download
 
+    pattern = f"{ADAPTERS_DIR}/*/{ADAPTER_CONFIG_NAME}"
     try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+        root = snapshot_download(repo_id, revision=revision, allow_patterns=[pattern])
     except Exception as exc:  # noqa: BLE001 - any download failure is a launch error naming the repo
-        raise LaunchError(f"cannot download {patterns} from Hub repo {repo_id!r}@{revision or 'main'}: {exc}") from exc
+        raise LaunchError(
+            f"cannot list the adapters of Hub collection {repo_id!r}@{revision or 'main'}: {exc}"
+        ) from exc
+    return _adapter_names(root)
 
 
-def entry_directory(entry: AdapterEntry) -> str:
-    """Local directory of an adapter entry (downloading its two files from the Hub when needed)."""
+def _adapter_names(root: str) -> list[str]:
+    folder = adapters_dir(root)
+    names = sorted(os.listdir(folder)) if folder.is_dir() else []
+    return [name for name in names if (folder / name / ADAPTER_CONFIG_NAME).is_file()]
+
+
+def entry_directory(entry: AdapterEntry) -> tuple[str, Optional[HubOrigin]]:
+    """Local directory of an adapter entry, and its Hub origin when its two files were downloaded from the Hub."""
     if entry.path is not None:
         if not os.path.isdir(entry.path):
             raise LaunchError(f"JD adapter {entry.name!r}: directory {entry.path!r} does not exist.")
-        return os.path.abspath(entry.path)
-    folder = f"{entry.subfolder}/" if entry.subfolder else ""
-    root = _snapshot(entry.repo_id, entry.revision, [folder + ADAPTER_CONFIG_NAME, folder + ADAPTER_WEIGHTS_NAME])
-    return os.path.join(root, entry.subfolder or "")
+        return os.path.abspath(entry.path), None
+    paths = hub_download(entry.repo_id, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME], subfolder=entry.subfolder,
+                         revision=entry.revision, what="JD-LoRA adapter")
+    return os.path.dirname(paths[0]), HubOrigin(entry.repo_id, entry.subfolder, entry.revision)
 
 
 def collection_entries(collection: str) -> list[AdapterEntry]:
     """All adapters of a collection (local directory or Hub repo `owner/repo[@rev]`), named by their folder."""
     if os.path.isdir(collection):
-        root = collection
+        entries = [AdapterEntry(name=name, path=str(adapter_dir(collection, name)))
+                   for name in _adapter_names(collection)]
     else:
         repo_id, _, revision = collection.partition("@")
-        root = _snapshot(repo_id, revision or None,
-                         [f"adapters/*/{ADAPTER_CONFIG_NAME}", f"adapters/*/{ADAPTER_WEIGHTS_NAME}"])
-    adapters_dir = os.path.join(root, "adapters")
-    names = sorted(n for n in os.listdir(adapters_dir)) if os.path.isdir(adapters_dir) else []
-    names = [n for n in names if os.path.isfile(os.path.join(adapters_dir, n, ADAPTER_CONFIG_NAME))]
-    if not names:
-        raise LaunchError(f"JD collection {collection!r} has no adapters/<name>/{ADAPTER_CONFIG_NAME}.")
-    return [AdapterEntry(name=n, path=os.path.join(adapters_dir, n)) for n in names]
+        entries = [AdapterEntry(name=name, repo_id=repo_id, subfolder=adapter_subfolder(name),
+                                revision=revision or None) for name in _hub_adapter_names(repo_id, revision or None)]
+    if not entries:
+        raise LaunchError(f"JD collection {collection!r} has no {ADAPTERS_DIR}/<name>/{ADAPTER_CONFIG_NAME}.")
+    return entries
 
 
-def bases_directory(spec: JDAdapterSpec, override: Optional[str]) -> str:
+def bases_directory(spec: AdapterSpec, override: Optional[str]) -> str:
     """Local bases directory of an adapter (the override, a local reference, or a Hub download)."""
     if override:
         if not os.path.isdir(override):
@@ -125,30 +154,43 @@ def bases_directory(spec: JDAdapterSpec, override: Optional[str]) -> str:
     local = os.path.join(location, subfolder or "")
     if os.path.isdir(local):
         return os.path.abspath(local)
-    if os.path.isabs(location) or location.startswith("."):
-        raise LaunchError(f"JD adapter {spec.adapter_id!r}: its bases directory {local!r} does not exist.")
-    fmt = import_core("format")
-    folder = f"{subfolder}/" if subfolder else ""
-    root = _snapshot(location, revision, [folder + fmt.BASES_CONFIG_NAME, folder + fmt.BASES_WEIGHTS_NAME])
-    return os.path.join(root, subfolder or "")
+    if looks_like_local_path(location):
+        raise LaunchError(f"JD adapter {spec.name!r}: its bases directory {local!r} does not exist.")
+    paths = hub_download(location, [BASES_CONFIG_NAME, BASES_WEIGHTS_NAME], subfolder=subfolder, revision=revision,
+                         what="bases", error_cls=BasesNotFoundError)
+    return os.path.dirname(paths[0])
+
+
+def _read_launch_spec(entry: AdapterEntry, directory: str, origin: Optional[HubOrigin],
+                      bases_override: Optional[str]) -> AdapterSpec:
+    try:
+        return read_spec(entry.name, directory, origin, bases_override)
+    except AdapterFormatError as exc:
+        if is_jd_adapter_dir(directory) or not os.path.isfile(os.path.join(directory, ADAPTER_CONFIG_NAME)):
+            raise
+        raise AdapterFormatError(
+            f"{exc} Pass plain LoRA adapters with --lora-adapters and JD-LoRA sigma adapters with --jd-lora-adapters."
+        ) from exc
 
 
 def validate_adapter(entry: AdapterEntry, bases_override: Optional[str] = None) -> ResolvedAdapter:
-    """Resolves an entry to local directories and checks it against its bases from file headers (no tensor data).
+    """Resolves an entry to local directories and validates it against its bases as the shards will load it.
+
+    Σ are read whole (they are r×r per module, cheap) so that NaN/inf values fail at launch too.
 
     Raises:
         LaunchError or a `peft_jd` error naming the adapter, file and fix.
     """
-    fmt = import_core("format")
-    spec = JDAdapterSpec.from_directory(entry.name, entry_directory(entry))
+    directory, origin = entry_directory(entry)
+    spec = _read_launch_spec(entry, directory, origin, bases_override)
     bases_dir = bases_directory(spec, bases_override)
-    config_path = os.path.join(bases_dir, fmt.BASES_CONFIG_NAME)
-    for path in (config_path, os.path.join(bases_dir, fmt.BASES_WEIGHTS_NAME)):
+    config_path = os.path.join(bases_dir, BASES_CONFIG_NAME)
+    for path in (config_path, os.path.join(bases_dir, BASES_WEIGHTS_NAME)):
         if not os.path.isfile(path):
             raise LaunchError(f"JD adapter {entry.name!r}: bases file {path} does not exist.")
-    bases_config = fmt.BasesConfig.from_file(config_path)
-    check_against_bases(spec, sigma_shapes(spec), bases_config, bases_dir)
-    return ResolvedAdapter(entry.name, spec.directory, bases_dir, bases_config.fingerprint or bases_dir)
+    bases_config = BasesConfig.from_file(config_path)
+    load_sigmas(spec, directory, bases_config, bases_dir)
+    return ResolvedAdapter(entry.name, directory, bases_dir, bases_config.fingerprint or bases_dir)
 
 
 def validate_all(entries: list[AdapterEntry], bases_override: Optional[str], lora_ids: list[str]

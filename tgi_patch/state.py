@@ -1,18 +1,21 @@
 """Per-shard serving state: adapter slots, prepared layer types, the adapter-index → slot table and graph buffers.
 
 TGI numbers adapters 1..N in load order (0 is the base model) and gives each token an adapter index
-(`AdapterBatchMetadata.adapter_indices`). JD adapters get a model-wide slot; `token_slots` maps a batch's adapter
-indices to slots with one gather on the device (no host sync), so it also runs before a CUDA-graph replay.
+(`AdapterBatchMetadata.adapter_indices`). JD adapters get a model-wide slot from `peft_jd.core.SlotAllocator` (slot 0
+is the base model's all-zero Σ, as in the PEFT tuner); `token_slots` maps a batch's adapter indices to slots with one
+gather on the device (no host sync), so it also runs before a CUDA-graph replay.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 
-from ._core import import_core
-from .weights import BASE_SLOT, ROW, JDLayerTypeWeights, TargetLayer, build_layer_type
+from peft_jd.core import AdapterFormatError, BasesMismatchError, SharedBases, SlotAllocator
+
+from .weights import ROW, JDLayerTypeWeights, TargetLayer, build_layer_type
 
 
 class JDAdapterWeights:
@@ -62,10 +65,10 @@ class JDServingState:
     """Everything JD-LoRA on one shard: one bases collection, its adapters' slots and the prepared layer types."""
 
     def __init__(self):
-        self.bases = None
+        self.bases: Optional[SharedBases] = None
         self.bases_label: Optional[str] = None
         self.bases_identity: Optional[str] = None
-        self.slot_of: dict[str, int] = {}
+        self.slots = SlotAllocator()
         self.unserved: dict[str, set[str]] = {}
         self.layer_types: dict[str, JDLayerTypeWeights] = {}
         self.slot_of_index: dict[int, int] = {}
@@ -73,14 +76,14 @@ class JDServingState:
         self.graph_slots: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------- loading
-    def use_bases(self, bases: Any, adapter_id: str) -> None:
+    def use_bases(self, bases: SharedBases, adapter_id: str) -> None:
         """Fixes the collection on first use; a second collection is an error (one bases set per model)."""
         identity = bases.fingerprint or bases.key.describe()
         if self.bases_identity is None or self.bases_identity == identity:
             self.bases, self.bases_label, self.bases_identity = bases, bases.key.describe(), identity
             return
         if bases is not self.bases:
-            raise import_core("errors").BasesMismatchError(
+            raise BasesMismatchError(
                 f"adapter {adapter_id!r} uses bases {bases.key.describe()}, but this server already serves bases "
                 f"{self.bases_label}. One TGI server serves one JD collection; start another server for it."
             )
@@ -94,19 +97,18 @@ class JDServingState:
         partial = {name: sorted(keys) for name, keys in self.unserved.items() if keys}
         if partial:
             name, keys = next(iter(partial.items()))
-            raise import_core("errors").AdapterFormatError(
+            raise AdapterFormatError(
                 f"JD adapter(s) {sorted(partial)} adapt modules TGI does not apply adapters to (e.g. {name!r}: "
                 f"{keys[:4]}); serving them would silently drop part of each adapter. Compress the collection for "
                 "TGI's adapter layers (q/k/v/o_proj, gate/up/down_proj)."
             )
 
-    def slot(self, adapter_id: str) -> int:
-        if adapter_id not in self.slot_of:
-            self.slot_of[adapter_id] = len(self.slot_of) + 1
-        return self.slot_of[adapter_id]
+    def served_adapters(self) -> set[str]:
+        """Ids of the JD adapters that hold a slot."""
+        return set(self.slots.slot_of)
 
-    def prepare(self, adapter_id: str, sigmas: dict[str, torch.Tensor], cluster_of: Any, layer_type: str,
-                targets: list[TargetLayer], world_size: int, rank: int, dtype: torch.dtype
+    def prepare(self, adapter_id: str, sigmas: dict[str, torch.Tensor], cluster_of: Callable[[str], int],
+                layer_type: str, targets: list[TargetLayer], world_size: int, rank: int, dtype: torch.dtype
                 ) -> Optional[JDAdapterWeights]:
         """Adds one adapter's Σ for one layer type; prepares the layer type's bases on first use.
 
@@ -135,7 +137,7 @@ class JDServingState:
             if target.module_key in sigmas:
                 sigma[layer_id] = sigmas[target.module_key]
                 clusters[layer_id] = cluster_of(target.module_key)
-        slot = self.slot(adapter_id)
+        slot = self.slots.acquire(adapter_id)
         layer.add_adapter(slot, sigma, clusters)
         self.unserved.get(adapter_id, set()).difference_update(t.module_key for t in targets)
         return JDAdapterWeights(self, layer, slot)
@@ -222,4 +224,4 @@ def reset_state() -> None:
     _STATE = None
 
 
-__all__ = ["BASE_SLOT", "JDAdapterWeights", "JDBatchWeights", "JDServingState", "get_state", "reset_state"]
+__all__ = ["JDAdapterWeights", "JDBatchWeights", "JDServingState", "get_state", "reset_state"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional
 
-from ._core import import_core
+from peft_jd.core import UnknownAdapterError
 
 
 class CheckedAdapterIndex(dict):
@@ -18,7 +18,7 @@ class CheckedAdapterIndex(dict):
 
     Args:
         mapping: TGI's adapter id → index.
-        policy: `"error"` raises `peft_jd.UnknownAdapterError` (a `ValueError`: TGI fails that prefill batch and
+        policy: `"error"` raises `peft_jd.core.UnknownAdapterError` (a `ValueError`: TGI fails that prefill batch and
             keeps serving); `"warn"` logs the first request for each unknown id and serves the base model.
         base_aliases: Ids that select the base model without a report (e.g. `""`, the model id).
         log: Callable taking a message, for the `"warn"` policy.
@@ -43,7 +43,7 @@ class CheckedAdapterIndex(dict):
             "Omit the adapter (or use the model id) for the base model."
         )
         if self.policy == "error":
-            raise import_core("errors").UnknownAdapterError(message)
+            raise UnknownAdapterError(message)
         if self.unknown_counts[key] == 1:
             self.log(message + " Serving the base model (PEFT_JD_TGI_UNKNOWN_ADAPTER=warn).")
         return default

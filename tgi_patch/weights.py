@@ -9,27 +9,23 @@ Layout, per TGI layer type (`q_proj`, `o_proj`, …) with `L` layers, `c` cluste
 * `sigma`: `(L, S, r, r)` (or `(L, S, r)` for diagonal Σ) in fp32 with the adapter's scaling folded in, and
   `slot_cluster`: `(L, S)`. Slot 0 is all-zero: tokens of the base model or of plain LoRA adapters.
 
-A slot is model-wide (the same in every layer type), so a batch's per-token slot is computed once per step.
+A slot is model-wide (the same in every layer type), so a batch's per-token slot is computed once per step. The
+kernel backend (`peft_jd.kernels.select_backend`) is resolved once per layer type, when its bases are placed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from ._core import import_core
+from peft_jd.core import BASE_SLOT, BasesNotFoundError, ShapeMismatchError, SharedBases
+from peft_jd.kernels import select_backend
 
 
 COLUMN = "column"
 ROW = "row"
-BASE_SLOT = 0
-
-
-def _errors():
-    return import_core("errors")
-
 
 @dataclass
 class TargetLayer:
@@ -54,7 +50,7 @@ def shard(tensor: torch.Tensor, dim: int, world_size: int, rank: int, what: str)
     """Block `rank` of `world_size` equal blocks of `tensor` along `dim` (TGI's `get_start_stop_idxs_for_rank`)."""
     size = tensor.shape[dim]
     if size % world_size:
-        raise _errors().ShapeMismatchError(
+        raise ShapeMismatchError(
             f"{what}: dimension {size} cannot be split evenly over {world_size} shards; use a --num-shard that "
             "divides it."
         )
@@ -72,10 +68,12 @@ class JDLayerTypeWeights:
         V: `(L, c, in_local, r)` input bases (this shard's part for row-parallel layers).
         num_clusters: Per layer, the number of valid clusters (≤ c; layers with fewer are zero-padded).
         sigma_type: `"full"` or `"diag"`.
+        backend: Kernel backend for this layer type (`"torch"` or `"triton"`); resolved from the bases' device with
+            `peft_jd.kernels.select_backend` (`PEFT_JD_KERNEL`) when not given.
     """
 
     def __init__(self, layer_type: str, parallel: str, U: torch.Tensor, V: torch.Tensor, num_clusters: list[int],
-                 sigma_type: str):
+                 sigma_type: str, backend: Optional[str] = None):
         self.layer_type = layer_type
         self.parallel = parallel
         self.U = U
@@ -83,6 +81,7 @@ class JDLayerTypeWeights:
         self.num_clusters = num_clusters
         self.sigma_type = sigma_type
         self.rank = U.shape[-1]
+        self.backend = select_backend(U.device, backend)
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sigma: Optional[torch.Tensor] = None
         self.slot_cluster: Optional[torch.Tensor] = None
@@ -144,29 +143,28 @@ class JDLayerTypeWeights:
         return sum(t.nbytes for t in (self.U, self.V, self.sigma, self.slot_cluster))
 
 
-def build_layer_type(layer_type: str, targets: list[TargetLayer], bases: Any, world_size: int, rank: int,
+def build_layer_type(layer_type: str, targets: list[TargetLayer], bases: SharedBases, world_size: int, rank: int,
                      dtype: torch.dtype) -> JDLayerTypeWeights:
     """Prepares the bases of one layer type: per layer, this shard's part of U and V, on the layer's device.
 
     Args:
         layer_type: TGI layer type.
         targets: One entry per model layer (`L` entries).
-        bases: The `peft_jd.core.bases_store.SharedBases` of the collection.
+        bases: The shared bases of the collection.
         world_size: Number of tensor-parallel shards.
         rank: This shard.
         dtype: The model's dtype (the bases are stored in it; Σ stays fp32).
     """
-    errors = _errors()
     parallel = targets[0].parallel
     present = [t for t in targets if t.module_key in bases.tensors]
     if not present:
-        raise errors.BasesNotFoundError(f"bases {bases.key.describe()} cover no {layer_type} module of this model.")
+        raise BasesNotFoundError(f"bases {bases.key.describe()} cover no {layer_type} module of this model.")
     max_clusters = max(bases.tensors[t.module_key][0].shape[0] for t in present)
     r = bases.config.r
     shards_u, shards_v, num_clusters = [], [], []
     for target in targets:
         if target.parallel != parallel:
-            raise errors.ShapeMismatchError(f"{layer_type}: mixed column/row-parallel TGI layers are not supported.")
+            raise ShapeMismatchError(f"{layer_type}: mixed column/row-parallel TGI layers are not supported.")
         if target.module_key not in bases.tensors:
             # Adapters of this collection never adapt this layer: zero bases keep the stacked layout uniform.
             ref_u, ref_v = bases.tensors[present[0].module_key]
@@ -195,7 +193,7 @@ def build_layer_type(layer_type: str, targets: list[TargetLayer], bases: Any, wo
 def _check_layer_shapes(target: TargetLayer, U: torch.Tensor, V: torch.Tensor, bases_label: str) -> None:
     for name, have, want in (("output", U.shape[1], target.out_features), ("input", V.shape[1], target.in_features)):
         if want is not None and have != want:
-            raise _errors().ShapeMismatchError(
+            raise ShapeMismatchError(
                 f"bases {bases_label} give module {target.module_key} a {name} size of {have}, but the served model's "
                 f"layer has {want}. The collection was compressed for another base model."
             )
