@@ -1,12 +1,10 @@
 import os
-import sys
 
 import pytest
 import torch
 
 
-# Tests import their helpers as `from utils import ...`.
-sys.path.insert(0, os.path.dirname(__file__))
+# Tests import their helpers as `from utils import ...` and benchmark modules by name: `pythonpath` in pyproject.toml.
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
 
 

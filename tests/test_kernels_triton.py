@@ -19,7 +19,7 @@ if not ON_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from test_kernels_torch import (  # noqa: E402
+from kernel_reference import (  # noqa: E402
     assert_close_to_reference,
     check_against_reference,
     dense_reference,

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+import fidelity
+import fidelity_report
 import pytest
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import fidelity  # noqa: E402
-import fidelity_report  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
