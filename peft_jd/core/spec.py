@@ -83,6 +83,7 @@ class AdapterSpec:
         modules_to_save: Modules stored whole (not compressed) in the adapter file, as PEFT's `modules_to_save`.
         source: Where the config was read from, for messages.
         config: The raw config mapping.
+        directory: The local adapter folder, when read with `from_directory`.
     """
 
     name: str
@@ -98,6 +99,7 @@ class AdapterSpec:
     modules_to_save: Optional[list[str]] = None
     source: str = "<config>"
     config: dict[str, Any] = field(default_factory=dict, repr=False)
+    directory: Optional[str] = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], name: str, source: str = "<config>") -> AdapterSpec:
@@ -158,6 +160,7 @@ class AdapterSpec:
         name = name or os.path.basename(os.path.normpath(directory))
         path = os.path.join(directory, ADAPTER_CONFIG_NAME)
         spec = cls.from_config(read_json_object(path, f"adapter {name!r}"), name, source=path)
+        spec.directory = directory
         if spec.bases and is_relative_reference(spec.bases):
             if hub_repo is None:
                 spec.bases, spec.bases_subfolder = resolve_relative_bases(spec.bases, spec.bases_subfolder, directory)
@@ -175,6 +178,11 @@ class AdapterSpec:
     def sigma_shape(self) -> tuple[int, ...]:
         """Shape every Σ of this adapter must have."""
         return (self.r, self.r) if self.sigma_type == "full" else (self.r,)
+
+    @property
+    def weights_path(self) -> Optional[str]:
+        """`adapter_model.safetensors` in the adapter's folder (`None` for a spec not read from a folder)."""
+        return os.path.join(self.directory, ADAPTER_WEIGHTS_NAME) if self.directory else None
 
     def bases_reference(self) -> tuple[str, Optional[str], Optional[str]]:
         """`(location, revision, subfolder)` of the bases, as `load_shared_bases` takes them."""
