@@ -1,48 +1,72 @@
-"""Bulk loading of many sigma adapters into one JD-LoRA model, bypassing PEFT's per-adapter module walk."""
+"""Bulk loading of many sigma adapters into one JD-LoRA model: files are read here (in threads), the model validates
+and writes them (`JDLoraModel.load_sigma_adapters`)."""
 
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .core import ADAPTER_WEIGHTS_NAME, AdapterFormatError, check_finite, module_key_from_sigma_key
-from .tuner.config import JDLoraConfig
-from .tuner.model import JDLoraModel
-from .tuner.slots import check_adapter_name
+from .core import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    AdapterFormatError,
+    AdapterSpec,
+    JDLoraError,
+    hub_download,
+    looks_like_local_path,
+    read_adapter_tensors,
+)
+from .tuner import JDLoraModel, SigmaAdapter
 
 
 def read_sigma_adapter(
-    source: str, revision: Optional[str], hub_kwargs: dict, subfolder: Optional[str] = None
-) -> tuple[JDLoraConfig, dict]:
-    """Config (relative `bases` resolved) and Σ tensors of one sigma adapter, local or on the Hub."""
+    source: str,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
+    name: Optional[str] = None,
+    **hub_kwargs,
+) -> SigmaAdapter:
+    """Reads one sigma adapter (config, Σ, `modules_to_save` tensors), local or on the Hub. Nothing is validated
+    against bases here; `JDLoraModel.load_sigma_adapters` and the exporters do that.
+
+    Args:
+        source: Local adapter directory (or collection root with `subfolder`) or Hub repo id.
+        revision: Hub revision.
+        subfolder: Folder of the adapter inside `source`.
+        name: Name of the adapter; defaults to its folder name / repo id.
+        hub_kwargs: Passed to `huggingface_hub.hf_hub_download` (`token`, `cache_dir`, …).
+    """
+    name = name or default_adapter_name(source, subfolder)
     local_dir = os.path.join(source, subfolder or "")
     if os.path.isdir(local_dir):
+        spec = AdapterSpec.from_directory(local_dir, name=name)
         weights_path = os.path.join(local_dir, ADAPTER_WEIGHTS_NAME)
-        if not os.path.isfile(weights_path):
-            raise AdapterFormatError(f"adapter {local_dir!r}: {ADAPTER_WEIGHTS_NAME} is missing.")
-        config = JDLoraConfig.from_pretrained(source, subfolder=subfolder)
+    elif looks_like_local_path(source):
+        raise AdapterFormatError(f"adapter {name!r}: {local_dir} is not a directory; check the path.")
     else:
-        from huggingface_hub import hf_hub_download
-
-        weights_path = hf_hub_download(
-            source, ADAPTER_WEIGHTS_NAME, subfolder=subfolder, revision=revision, **hub_kwargs
+        config_path, weights_path = hub_download(
+            source,
+            [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME],
+            subfolder=subfolder,
+            revision=revision,
+            what="adapter",
+            error_cls=JDLoraError,
+            **hub_kwargs,
         )
-        # Read through the repo id so that relative `bases` resolve inside the repo.
-        config = JDLoraConfig.from_pretrained(source, subfolder=subfolder, revision=revision, **hub_kwargs)
-    where = source if not subfolder else f"{source}/{subfolder}"
-    sigmas = {module_key_from_sigma_key(k): v for k, v in load_file(weights_path).items()}
-    for module_key, sigma in sigmas.items():
-        check_finite(sigma, f"adapter {where!r}, Σ of module {module_key}")
-    return config, sigmas
+        # Relative `bases` resolve inside the adapter's repo, at the adapter's revision.
+        spec = AdapterSpec.from_directory(
+            os.path.dirname(config_path), name=name, hub_repo=source, hub_subfolder=subfolder, hub_revision=revision
+        )
+    sigmas, saved_modules = read_adapter_tensors(spec, weights_path)
+    return SigmaAdapter(name=name, spec=spec, sigmas=sigmas, saved_modules=saved_modules)
 
 
-def _default_name(source: str, subfolder: Optional[str]) -> str:
+def default_adapter_name(source: str, subfolder: Optional[str] = None) -> str:
+    """The name an adapter gets when none is given: its folder's name, or the repo id."""
     if subfolder:
         return os.path.basename(os.path.normpath(subfolder))
     return os.path.basename(os.path.normpath(source)) if os.path.isdir(source) else source
@@ -89,83 +113,20 @@ def load_adapters(
         )
     sources = list(sources)
     folders = list(subfolders) if subfolders is not None else [None] * len(sources)
-    names = list(adapter_names) if adapter_names is not None else list(map(_default_name, sources, folders))
+    names = list(adapter_names) if adapter_names is not None else list(map(default_adapter_name, sources, folders))
     if not len(names) == len(sources) == len(folders):
         raise ValueError(f"got {len(sources)} sources, {len(names)} adapter_names and {len(folders)} subfolders.")
-    for name in names:
-        check_adapter_name(name)
-    repeated = {name for name, count in Counter(names).items() if count > 1}
-    duplicates = sorted({n for n in names if n in tuner.peft_config} | repeated)
-    if duplicates:
-        raise ValueError(
-            f"adapter name(s) already loaded or repeated: {duplicates[:10]}; pass distinct adapter_names."
-        )
-    layers = tuner.jd_layers()
+    tuner.check_new_adapter_names(names)  # before reading any file
+
+    def read(source: str, folder: Optional[str], name: str) -> SigmaAdapter:
+        return read_sigma_adapter(source, revision, folder, name, **hub_kwargs)
+
     progress_bar = tqdm(total=len(names), desc="loading JD adapters", disable=not progress)
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         for start in range(0, len(names), chunk_size):
-            chunk_names = names[start : start + chunk_size]
-            chunk_sources = sources[start : start + chunk_size]
-            chunk_folders = folders[start : start + chunk_size]
-            read = list(
-                pool.map(lambda s, f: read_sigma_adapter(s, revision, hub_kwargs, f), chunk_sources, chunk_folders)
-            )
-            _add_adapters(tuner, layers, chunk_names, chunk_sources, read)
-            progress_bar.update(len(chunk_names))
+            chunk = slice(start, start + chunk_size)
+            adapters = list(pool.map(read, sources[chunk], folders[chunk], names[chunk]))
+            tuner.load_sigma_adapters(adapters, inference_mode=True, **hub_kwargs)
+            progress_bar.update(len(adapters))
     progress_bar.close()
     return names
-
-
-def _validate(tuner, layers: dict, name: str, source: str, config: JDLoraConfig, sigmas: dict):
-    shared = tuner._resolve_bases(config, name if name == source else f"{name} ({source})")
-    unknown = sorted(set(sigmas) - set(layers))
-    if unknown:
-        raise AdapterFormatError(
-            f"adapter {source!r} has Σ for module(s) {unknown[:5]} that this model does not adapt; it targets "
-            "other modules than the loaded collection."
-        )
-    for module_key, sigma in sigmas.items():
-        layers[module_key]._check_new_sigmas(
-            [name], [sigma], [config.cluster_of(module_key)], config.r, config.sigma_type, module_key
-        )
-    return shared
-
-
-def _add_adapters(tuner, layers: dict, names: list[str], sources: list[str], read: list[tuple]) -> None:
-    """Validates a chunk of adapters completely, then writes it with one indexed copy per layer."""
-    shared = None
-    for name, source, (config, sigmas) in zip(names, sources, read):
-        shared = _validate(tuner, layers, name, source, config, sigmas)
-        config.inference_mode = True
-    per_layer: dict[str, list] = {}
-    for name, (config, sigmas) in zip(names, read):
-        for module_key, sigma in sigmas.items():
-            entry = (name, sigma, config.cluster_of(module_key), config.scaling, config)
-            per_layer.setdefault(module_key, []).append(entry)
-    tuner.slot_table.reserve(len(names))
-    try:
-        for name, (config, _) in zip(names, read):
-            tuner.peft_config[name] = config
-            tuner._check_new_adapter_config(config)
-        for module_key, entries in per_layer.items():
-            layer = layers[module_key]
-            layer.attach_bases(shared, module_key)
-            config = entries[0][4]
-            layer.add_sigmas(
-                [e[0] for e in entries],
-                [e[1] for e in entries],
-                [e[2] for e in entries],
-                [e[3] for e in entries],
-                rank=config.r,
-                sigma_type=config.sigma_type,
-                inference_mode=True,
-                module_key=module_key,
-            )
-    except Exception:
-        for name in names:
-            for layer in layers.values():
-                if name in layer.jd_sigma:
-                    layer.delete_adapter(name)
-            tuner.peft_config.pop(name, None)
-            tuner.slot_table.release(name)
-        raise

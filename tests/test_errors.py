@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from utils import make_collection, tiny_llama
 
@@ -113,7 +113,7 @@ def test_cluster_out_of_range(coll):
     adapter = coll / "a" / "adapters" / "task-0"
     edit_config(adapter, cluster=5)
     model = PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-1"))
-    with pytest.raises(peft_jd.ShapeMismatchError, match="cluster 5"):
+    with pytest.raises(peft_jd.BasesMismatchError, match="cluster 5"):
         model.load_adapter(str(adapter), adapter_name="bad")
     assert all("bad" not in layer.jd_sigma for layer in model.base_model.jd_layers().values())
 
@@ -150,3 +150,69 @@ def test_unusable_adapter_names_fail_before_touching_the_model(coll, name, messa
     model.load_adapter(task_1, adapter_name=f"{name.replace('.', '_')}_ok")
     with pytest.raises(peft_jd.AdapterNameError, match=message):
         PeftModel.from_pretrained(tiny_llama(), task_1, adapter_name=name)
+
+
+def poison_sigma(adapter_dir, value=float("nan"), shape=None, dtype=None):
+    """Rewrites the adapter's first Σ with a NaN (or another shape / dtype)."""
+    tensors = load_file(adapter_dir / ADAPTER_WEIGHTS_NAME)
+    key = sorted(tensors)[0]
+    if shape is not None:
+        tensors[key] = torch.zeros(shape)
+    elif dtype is not None:
+        tensors[key] = tensors[key].to(dtype)
+    else:
+        tensors[key][0] = value
+    save_file(tensors, adapter_dir / ADAPTER_WEIGHTS_NAME)
+    return key.removeprefix("base_model.model.").removesuffix(".jd_sigma")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_sigma_is_refused_by_from_pretrained(coll, value):
+    adapter = coll / "a" / "adapters" / "task-1"
+    module = poison_sigma(adapter, value)
+    with pytest.raises(peft_jd.AdapterFormatError, match=rf"'default' for module {module}.*NaN or inf"):
+        PeftModel.from_pretrained(tiny_llama(), str(adapter))
+
+
+@pytest.mark.parametrize(
+    "poison, error, message",
+    [
+        (dict(value=float("nan")), peft_jd.AdapterFormatError, "NaN or inf"),
+        (dict(shape=(5, 5)), peft_jd.ShapeMismatchError, r"shape \(5, 5\), expected \(4, 4\)"),
+        (dict(dtype=torch.int32), peft_jd.AdapterFormatError, "not float"),
+    ],
+)
+def test_bad_sigma_via_load_adapter_leaves_the_model_as_it_was(coll, poison, error, message):
+    adapter = coll / "a" / "adapters" / "task-1"
+    poison_sigma(adapter, **poison)
+    model = PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-0"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 128, (2, 4))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    with pytest.raises(error, match=message):
+        model.load_adapter(str(adapter), adapter_name="bad")
+    assert list(model.peft_config) == ["default"] and "bad" not in model.base_model.slot_table
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, logits)
+
+
+def test_sigma_for_a_module_the_model_does_not_adapt(coll):
+    adapter = coll / "a" / "adapters" / "task-1"
+    tensors = load_file(adapter / ADAPTER_WEIGHTS_NAME)
+    tensors["base_model.model.model.layers.0.mlp.up_proj.jd_sigma"] = torch.zeros(4, 4)
+    save_file(tensors, adapter / ADAPTER_WEIGHTS_NAME)
+    with pytest.raises(peft_jd.BasesNotFoundError, match="up_proj"):
+        PeftModel.from_pretrained(tiny_llama(), str(adapter))
+
+
+def test_injection_validates_every_target_before_touching_the_model(coll):
+    base = tiny_llama()
+    config = peft_jd.JDLoraConfig(
+        r=4, target_modules=["q_proj", "o_proj"], bases=str(coll / "a" / "bases"), base_model_name_or_path="tiny-llama"
+    )
+    with pytest.raises(peft_jd.BasesNotFoundError, match="o_proj"):
+        get_peft_model(base, config)
+    assert not any(isinstance(module, peft_jd.JDLoraLayer) for module in base.modules())

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from peft import PeftModel
+from transformers import GenerationConfig
 from utils import dense_delta, make_collection, target_linears, tiny_llama
 
 import peft_jd
@@ -96,11 +97,55 @@ def test_mixed_beam_search_equals_rows_alone(setup):
             assert torch.equal(mixed[i], alone[0])
 
 
-def test_mixed_batch_needs_one_name_per_sequence(setup):
+@pytest.mark.parametrize(
+    "names, batch",
+    [
+        (["default", "task-1"], 3),
+        # Counts that divide the batch used to be repeated silently; PEFT's LoRA raises, and so do we.
+        (["default"], 3),
+        (["default", "task-1"], 4),
+        (["default", "task-1", "task-2", "__base__"], 2),
+    ],
+)
+def test_mixed_batch_needs_one_name_per_sequence(setup, names, batch):
     _, _, model = setup
-    ids = torch.randint(0, 128, (3, 4))
+    ids = torch.randint(0, 128, (batch, 4))
     with pytest.raises(ValueError, match="one name per sequence"), torch.no_grad():
-        model(input_ids=ids, adapter_names=["default", "task-1"])
+        model(input_ids=ids, adapter_names=names)
+
+
+def test_generate_num_return_sequences_expands_each_name(setup):
+    base, data, model = setup
+    names = ["task-1", "__base__", "default"]
+    ids = torch.randint(3, 128, (len(names), 5))
+    # top_k=1 sampling is greedy, so every returned sequence equals its row generated alone.
+    kwargs = dict(max_new_tokens=3, do_sample=True, top_k=1, pad_token_id=0)
+    with torch.no_grad():
+        mixed = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, num_return_sequences=2, **kwargs
+        )
+        assert mixed.shape[0] == 2 * len(names)
+        for i, name in enumerate(names):
+            ref = dense_model(base, data, row_adapter(name))
+            alone = ref.generate(input_ids=ids[i : i + 1], attention_mask=torch.ones_like(ids[:1]), **kwargs)
+            assert torch.equal(mixed[2 * i], alone[0]) and torch.equal(mixed[2 * i + 1], alone[0])
+
+
+def test_generate_reads_beams_from_a_generation_config(setup):
+    base, data, model = setup
+    names = ["task-2", "default"]
+    ids = torch.randint(3, 128, (len(names), 5))
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, num_beams=2, pad_token_id=0)
+    with torch.no_grad():
+        mixed = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, generation_config=config
+        )
+        for i, name in enumerate(names):
+            ref = dense_model(base, data, row_adapter(name))
+            alone = ref.generate(
+                input_ids=ids[i : i + 1], attention_mask=torch.ones_like(ids[:1]), generation_config=config
+            )
+            assert torch.equal(mixed[i], alone[0])
 
 
 def test_mixed_batch_refused_in_training_mode(setup):

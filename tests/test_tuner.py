@@ -209,3 +209,28 @@ def test_bf16_base_uses_bf16_bases_and_fp32_sigma(collection):
             mixed.set_rows(None)
     torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(got_mixed, got, atol=2e-2, rtol=2e-2)
+
+
+def test_kernel_backend_is_resolved_when_placed_not_per_call(collection, monkeypatch):
+    root, _ = collection
+    model = PeftModel.from_pretrained(tiny_llama(), str(root / "adapters" / "task-0"))
+    layers = list(model.base_model.jd_layers().values())
+    assert {layer.kernel_backend for layer in layers} == {"torch"}  # CPU tensors
+    layer_module = importlib.import_module("peft_jd.tuner.layer")
+    resolved, kernel_backends = [], []
+    real_apply = layer_module.jd_lora_apply
+    monkeypatch.setattr(
+        layer_module, "select_backend", lambda device, backend=None: resolved.append(device) or "torch"
+    )
+    monkeypatch.setattr(
+        layer_module,
+        "jd_lora_apply",
+        lambda *a, backend=None, **k: kernel_backends.append(backend) or real_apply(*a, backend=backend, **k),
+    )
+    # The environment was read on every layer call before; a bad value now changes nothing until the next placement.
+    monkeypatch.setenv("PEFT_JD_KERNEL", "no-such-backend")
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (2, 4)), adapter_names=["default", "__base__"])
+    assert not resolved and set(kernel_backends) == {"torch"} and len(kernel_backends) == len(layers)
+    model.float()  # a device/dtype move resolves it again, once per layer
+    assert len(resolved) == len(layers)

@@ -4,14 +4,26 @@ tuners."""
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
+from .adapters import SigmaAdapter, split_checkpoint
 from .config import JDLoraConfig
 from .layer import JDLoraLayer, Linear
 from .model import JDLoraModel
 from .peft_type import JDLORA
-from .slots import BASE_ADAPTER_NAME, SlotTable
+from .slots import BASE_ADAPTER_NAME, SlotTable, check_adapter_name
 
 
-__all__ = ["BASE_ADAPTER_NAME", "JDLORA", "JDLoraConfig", "JDLoraLayer", "JDLoraModel", "Linear", "SlotTable"]
+__all__ = [
+    "BASE_ADAPTER_NAME",
+    "JDLORA",
+    "JDLoraConfig",
+    "JDLoraLayer",
+    "JDLoraModel",
+    "Linear",
+    "SigmaAdapter",
+    "SlotTable",
+    "check_adapter_name",
+    "split_checkpoint",
+]
 
 
 def _register() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
@@ -44,6 +44,9 @@ class JDLoraConfig(PeftConfig):
             The adapter's cluster: one id for all modules, or a dict from module key to cluster id.
         fan_in_fan_out (`bool`):
             Kept for PEFT compatibility; only `False` (`nn.Linear`) is supported.
+        modules_to_save (`list[str]`, *optional*):
+            Modules (e.g. a classification head) trained and saved whole per adapter, through PEFT's own
+            `ModulesToSaveWrapper`, as with `LoraConfig`. They are stored uncompressed in the adapter file.
     """
 
     r: int = field(default=16, metadata={"help": "Shared rank of the bases."})
@@ -74,21 +77,42 @@ class JDLoraConfig(PeftConfig):
             raise ValueError(f"r must be positive, got {self.r}.")
         if self.fan_in_fan_out:
             raise ValueError("JD-LoRA supports nn.Linear-style layers only (fan_in_fan_out=False).")
-        if self.modules_to_save:
-            raise ValueError("JD-LoRA adapters carry only Σ; modules_to_save is not supported.")
 
     def cluster_of(self, module_key: str) -> int:
         """Cluster id of this adapter for `module_key`."""
         return cluster_for(self.cluster, module_key, "<adapter>")
 
-    def to_spec(self, adapter_name: str, source: str = "<config>") -> AdapterSpec:
-        """This config as the core's `AdapterSpec` (the form every validation takes)."""
+    def to_spec(self, adapter_name: str, source: Optional[str] = None) -> AdapterSpec:
+        """This config as the core's `AdapterSpec` (the form every validation takes); `source` (for messages)
+        defaults to where `from_pretrained` read the config."""
+        source = source or getattr(self, "_loaded_from", None) or "<config>"
         return AdapterSpec.from_config(self.to_dict(), adapter_name, source=source)
+
+    @classmethod
+    def from_spec(cls, spec: AdapterSpec, inference_mode: bool = True) -> JDLoraConfig:
+        """The config of an adapter read by the core (`AdapterSpec`), its relative `bases` already resolved.
+
+        Keys this PEFT release does not know (written by a newer one) are dropped, as `PeftConfig.from_pretrained`
+        does.
+        """
+        known = {f.name for f in fields(cls) if f.init} - {"peft_type"}
+        kwargs = {key: value for key, value in spec.config.items() if key in known}
+        kwargs.update(
+            bases=spec.bases,
+            bases_revision=spec.bases_revision,
+            bases_subfolder=spec.bases_subfolder,
+            inference_mode=inference_mode,
+        )
+        config = cls(**kwargs)
+        config._loaded_from = spec.source
+        return config
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """Loads the config and resolves a relative `bases` against the adapter's own location."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        # Not a dataclass field, so never serialised: only names the adapter's origin in error messages.
+        config._loaded_from = "/".join(filter(None, (str(pretrained_model_name_or_path), subfolder)))
         if config.bases and is_relative_reference(config.bases):
             config.bases, config.bases_subfolder = resolve_relative_bases(
                 config.bases, config.bases_subfolder, str(pretrained_model_name_or_path), subfolder

@@ -1,8 +1,13 @@
-"""JD-LoRA layers: a per-adapter Σ between bases U, V that are shared by all adapters of a collection."""
+"""JD-LoRA layers: a per-adapter Σ between bases U, V that are shared by all adapters of a collection.
+
+Adapters reach a layer already validated (`peft_jd.core.validate_against_bases`, called by `JDLoraModel`); a layer
+checks only what it alone knows: that the bases fit its base layer's in/out features.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -10,9 +15,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
-from ..core import ShapeMismatchError, SigmaTypeMismatchError
-from ..kernels import jd_lora_apply
+from ..core import BasesMismatchError, ShapeMismatchError
+from ..kernels import jd_lora_apply, select_backend
 from .slots import SlotTable
+
+
+# Σ dtypes a layer may follow from its base layer; anything else (quantized, float8) keeps fp32, as PEFT's LoRA does.
+_SIGMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class JDLoraLayer(BaseTunerLayer):
@@ -35,6 +45,8 @@ class JDLoraLayer(BaseTunerLayer):
         self.slot_table = slot_table
         self.sigma_type: Optional[str] = None
         self.bases_id: Optional[str] = None
+        # "torch" or "triton", resolved once when the bases are attached and again when the layer changes device.
+        self.kernel_backend: Optional[str] = None
         self._disable_adapters = False
         self.merged_adapters = []
         in_features, out_features = _get_in_out_features(self.get_base_layer())
@@ -44,12 +56,9 @@ class JDLoraLayer(BaseTunerLayer):
         self.out_features = out_features
         self.kwargs = kwargs
 
-    # ----------------------------------------------------------------------------------------------- adapter state
+    # --------------------------------------------------------------------------------------------- bases, dtypes
     def bases_placement(self) -> tuple[torch.dtype, torch.device]:
-        """dtype/device the bases should have here: the base layer's half precision if any (fast GEMMs), else fp32.
-
-        Σ always stays fp32: the Σ step accumulates in fp32 whatever the bases' dtype.
-        """
+        """dtype/device the bases should have here: the base layer's half precision if any (fast GEMMs), else fp32."""
         base_layer = self.get_base_layer()
         weight = getattr(base_layer, "weight", None)
         device = weight.device if weight is not None else torch.device("cpu")
@@ -57,6 +66,13 @@ class JDLoraLayer(BaseTunerLayer):
         if dtype is None and weight is not None and weight.dtype in (torch.float16, torch.bfloat16, torch.float64):
             dtype = weight.dtype
         return dtype or torch.float32, device
+
+    def sigma_dtype(self, autocast_adapter_dtype: bool = True) -> torch.dtype:
+        """dtype of Σ here, by PEFT's rule for adapter weights: the base weight's float dtype (fp32 for quantized
+        weights), upcast from fp16/bf16 to fp32 when `autocast_adapter_dtype` (PEFT's default)."""
+        weight = getattr(self.get_base_layer(), "weight", None)
+        dtype = weight.dtype if weight is not None and weight.dtype in _SIGMA_DTYPES else torch.float32
+        return torch.float32 if autocast_adapter_dtype and dtype in _HALF_DTYPES else dtype
 
     def attach_bases(self, shared, module_key: str) -> None:
         """Attaches this module's bases from a `SharedBases`, placed for this layer."""
@@ -74,35 +90,48 @@ class JDLoraLayer(BaseTunerLayer):
             )
         if self.bases_id is not None:
             if self.bases_id != bases_id:
-                raise ShapeMismatchError(f"module {module_key} already uses bases {self.bases_id}, not {bases_id}.")
+                raise BasesMismatchError(f"module {module_key} already uses bases {self.bases_id}, not {bases_id}.")
             return
         self.register_buffer("jd_U", U, persistent=False)
         self.register_buffer("jd_V", V, persistent=False)
         self.bases_id = bases_id
+        self.kernel_backend = select_backend(U.device)
 
-    def _ensure_stack(self, rank: int, sigma_type: str) -> None:
+    def _ensure_stack(self, sigma_type: str) -> None:
         capacity = self.slot_table.capacity
+        rank = self.jd_U.shape[-1]
         shape = (capacity, rank, rank) if sigma_type == "full" else (capacity, rank)
         stack = getattr(self, "jd_sigma_stack", None)
         if stack is not None and stack.shape[0] >= capacity:
             return
-        new_stack = torch.zeros(shape, dtype=torch.float32 if stack is None else stack.dtype, device=self.jd_U.device)
+        dtype = self.sigma_dtype() if stack is None else stack.dtype
+        new_stack = torch.zeros(shape, dtype=dtype, device=self.jd_U.device)
         new_cluster = torch.zeros(capacity, dtype=torch.long, device=self.jd_U.device)
-        new_scaling = torch.zeros(capacity, dtype=new_stack.dtype, device=self.jd_U.device)
+        new_scaling = torch.zeros(capacity, dtype=dtype, device=self.jd_U.device)
         if stack is not None:
             new_stack[: stack.shape[0]] = stack
             new_cluster[: stack.shape[0]] = self.jd_slot_cluster
             new_scaling[: stack.shape[0]] = self.jd_slot_scaling
-        self.register_buffer("jd_sigma_stack", new_stack, persistent=False)
-        self.register_buffer("jd_slot_cluster", new_cluster, persistent=False)
-        self.register_buffer("jd_slot_scaling", new_scaling, persistent=False)
+        self._set_stack(new_stack, new_cluster, new_scaling)
+
+    def _set_stack(self, stack: torch.Tensor, cluster: torch.Tensor, scaling: torch.Tensor) -> None:
+        self.register_buffer("jd_sigma_stack", stack, persistent=False)
+        self.register_buffer("jd_slot_cluster", cluster, persistent=False)
+        self.register_buffer("jd_slot_scaling", scaling, persistent=False)
         self._rebind_sigma_views()
+
+    def cast_sigmas(self, dtype: torch.dtype) -> None:
+        """Gives the Σ of every adapter of this layer `dtype` (they share one stacked tensor, hence one dtype)."""
+        stack = getattr(self, "jd_sigma_stack", None)
+        if stack is None or stack.dtype == dtype:
+            return
+        self._set_stack(stack.to(dtype), self.jd_slot_cluster, self.jd_slot_scaling.to(dtype))
 
     def _rebind_sigma_views(self) -> None:
         """Points every adapter's Σ parameter at its row of the stack (after growth or a device/dtype move)."""
         for adapter_name, param in self.jd_sigma.items():
             row = self.jd_sigma_stack[self.slot_table.slot_of[adapter_name]]
-            if param.data_ptr() != row.data_ptr():
+            if param.data_ptr() != row.data_ptr() or param.dtype != row.dtype:
                 row.copy_(param.data)
                 param.data = row
 
@@ -110,94 +139,61 @@ class JDLoraLayer(BaseTunerLayer):
         module = nn.Module._apply(self, fn, recurse)
         if getattr(self, "jd_sigma_stack", None) is not None:
             self._rebind_sigma_views()
+        if getattr(self, "jd_U", None) is not None:
+            self.kernel_backend = select_backend(self.jd_U.device)
         return module
 
+    # ----------------------------------------------------------------------------------------------- adapter state
     def update_layer(
         self,
         adapter_name: str,
-        rank: int,
         sigma_type: str,
         cluster: int,
         scaling: float,
-        sigma: Optional[torch.Tensor] = None,
         inference_mode: bool = False,
-        module_key: str = "",
+        **kwargs: Any,
     ) -> None:
-        """Adds (or replaces) an adapter's Σ in this layer.
+        """Adds (or resets) an adapter with a zero Σ: a no-op until trained or loaded (PEFT's injection path).
 
         Args:
             adapter_name: Name of the adapter.
-            rank: Shared rank r of the bases.
             sigma_type: `"full"` or `"diag"`.
             cluster: Cluster of the adapter for this module (index into the bases' first dimension).
             scaling: Multiplier of the update.
-            sigma: Initial Σ; zeros if `None` (a freshly created adapter is a no-op until trained or loaded).
             inference_mode: Freeze Σ.
-            module_key: Module name, for error messages.
         """
-        self.add_sigmas(
-            [adapter_name], [sigma], [cluster], [scaling], rank, sigma_type, inference_mode, module_key=module_key
-        )
+        self.write_sigmas([adapter_name], [None], [cluster], [scaling], sigma_type, inference_mode)
 
-    def _check_new_sigmas(self, adapter_names, sigmas, clusters, rank: int, sigma_type: str, module_key: str) -> None:
-        if self.sigma_type is not None and sigma_type != self.sigma_type:
-            raise SigmaTypeMismatchError(
-                f"adapter {adapter_names[0]!r} has sigma_type={sigma_type!r} but module {module_key} already serves "
-                f"sigma_type={self.sigma_type!r} adapters. Full and diagonal collections need separate models."
-            )
-        num_clusters, _, bases_rank = self.jd_U.shape
-        if rank != bases_rank:
-            raise ShapeMismatchError(
-                f"adapter {adapter_names[0]!r} has r={rank} but the bases of module {module_key} have rank "
-                f"{bases_rank}."
-            )
-        expected = (rank, rank) if sigma_type == "full" else (rank,)
-        for name, sigma, cluster in zip(adapter_names, sigmas, clusters):
-            if not 0 <= cluster < num_clusters:
-                raise ShapeMismatchError(
-                    f"adapter {name!r} is assigned cluster {cluster} for module {module_key}, but its bases have "
-                    f"{num_clusters} cluster(s). The adapter was compressed against other bases."
-                )
-            if sigma is not None and tuple(sigma.shape) != expected:
-                raise ShapeMismatchError(
-                    f"Σ of adapter {name!r} for module {module_key} has shape {tuple(sigma.shape)}, expected "
-                    f"{expected} (r={rank}, sigma_type={sigma_type!r})."
-                )
-
-    def add_sigmas(
+    def write_sigmas(
         self,
-        adapter_names: list[str],
-        sigmas: list[Optional[torch.Tensor]],
-        clusters: list[int],
-        scalings: list[float],
-        rank: int,
+        adapter_names: Sequence[str],
+        sigmas: Sequence[Optional[torch.Tensor]],
+        clusters: Sequence[int],
+        scalings: Sequence[float],
         sigma_type: str,
         inference_mode: bool = False,
-        module_key: str = "",
     ) -> None:
-        """Adds many adapters' Σ at once: everything is validated first, then written with one indexed copy.
+        """Writes many adapters' Σ with one indexed copy into the stack. The caller has validated them.
 
         Args:
             adapter_names: Names of the adapters.
             sigmas: Their Σ (`None` for zeros).
             clusters: Their cluster for this module.
             scalings: Their scaling.
-            rank: Shared rank r of the bases.
             sigma_type: `"full"` or `"diag"`.
             inference_mode: Freeze Σ.
-            module_key: Module name, for error messages.
         """
-        self._check_new_sigmas(adapter_names, sigmas, clusters, rank, sigma_type, module_key)
         self.sigma_type = sigma_type
         slots = [self.slot_table.acquire(name) for name in adapter_names]
-        self._ensure_stack(rank, sigma_type)
+        self._ensure_stack(sigma_type)
         stack = self.jd_sigma_stack
         index = torch.tensor(slots, dtype=torch.long, device=stack.device)
         with torch.no_grad():
             rows = [torch.zeros(stack.shape[1:]) if sigma is None else sigma for sigma in sigmas]
             stack.index_copy_(0, index, torch.stack(rows).to(stack))
-            self.jd_slot_cluster.index_copy_(0, index, torch.tensor(clusters, device=stack.device))
-            self.jd_slot_scaling.index_copy_(0, index, torch.tensor(scalings, dtype=stack.dtype, device=stack.device))
+            self.jd_slot_cluster.index_copy_(0, index, torch.tensor(list(clusters), device=stack.device))
+            scaling_rows = torch.tensor(list(scalings), dtype=stack.dtype, device=stack.device)
+            self.jd_slot_scaling.index_copy_(0, index, scaling_rows)
         self._uniform_scaling = None
         for name, slot, cluster, scaling in zip(adapter_names, slots, clusters, scalings):
             self.jd_sigma[name] = nn.Parameter(stack[slot], requires_grad=not inference_mode)
@@ -247,6 +243,23 @@ class JDLoraLayer(BaseTunerLayer):
         hidden = hidden * sigma if sigma.dim() == 1 else hidden @ sigma.T
         return self.jd_scaling[adapter_name] * (hidden.to(U.dtype) @ U.T)
 
+    def _mixed_batch_update(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Adds every row's own adapter update (slots from the model's `SlotTable`) with the batched kernel."""
+        slot_index = self.slot_table.token_slots(x)
+        flat_result = result.reshape(-1, self.out_features)
+        jd_lora_apply(
+            flat_result,
+            x.reshape(-1, self.in_features),
+            self.jd_U,
+            self.jd_V,
+            self.jd_sigma_stack,
+            slot_index,
+            self.jd_slot_cluster,
+            self._kernel_scaling(),
+            backend=self.kernel_backend,
+        )
+        return flat_result.view(result.shape) if flat_result.data_ptr() != result.data_ptr() else result
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         kwargs.pop("adapter_names", None)
         if self.disable_adapters:
@@ -261,19 +274,7 @@ class JDLoraLayer(BaseTunerLayer):
         if self.slot_table.row_slots is not None:
             if getattr(self, "jd_sigma_stack", None) is None:
                 return result
-            slot_index = self.slot_table.token_slots(x)
-            flat_result = result.reshape(-1, self.out_features)
-            jd_lora_apply(
-                flat_result,
-                x.reshape(-1, self.in_features),
-                self.jd_U,
-                self.jd_V,
-                self.jd_sigma_stack,
-                slot_index,
-                self.jd_slot_cluster,
-                self._kernel_scaling(),
-            )
-            return flat_result.view(result.shape) if flat_result.data_ptr() != result.data_ptr() else result
+            return self._mixed_batch_update(result, x)
         for adapter_name in self.active_adapters:
             if adapter_name in self.jd_sigma:
                 result = result + self._single_adapter_delta(x, adapter_name).to(result.dtype)
@@ -307,7 +308,7 @@ class JDLoraLayer(BaseTunerLayer):
                 self.set_base_weight(restored.to(weight.dtype))
 
     def __repr__(self) -> str:
-        return "jdlora." + super().__repr__()
+        return "jdlora." + nn.Module.__repr__(self)
 
 
 class Linear(nn.Module, JDLoraLayer):

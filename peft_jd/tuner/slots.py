@@ -38,6 +38,23 @@ def check_adapter_name(name: str) -> None:
         )
 
 
+def rows_per_name(num_names: int, batch: int, expansion: int = 1) -> int:
+    """How many consecutive batch rows each of `num_names` adapter names covers: 1, or `expansion` when `generate`
+    expanded every sequence (beam search, `num_return_sequences`).
+
+    Raises `ValueError` for any other count, as PEFT's LoRA does: a miscounted `adapter_names` is never repeated.
+    """
+    if batch == num_names:
+        return 1
+    if expansion > 1 and batch == num_names * expansion:
+        return expansion
+    expanded = f" (or {num_names * expansion} after generate's {expansion}-fold expansion)" if expansion > 1 else ""
+    raise ValueError(
+        f"Length of `adapter_names` should be the same as the number of inputs: got {num_names} adapter_names for a "
+        f"batch of {batch} sequences{expanded}; pass one name per sequence."
+    )
+
+
 class SlotTable(SlotAllocator):
     """The model-wide slot allocator of a JD-LoRA model, plus the per-row slots of the mixed batch being run.
 
@@ -49,6 +66,8 @@ class SlotTable(SlotAllocator):
         super().__init__(initial_capacity)
         # Set for the duration of a mixed-batch forward by `JDLoraModel._enable_peft_forward_hooks`.
         self.row_slots: Optional[torch.Tensor] = None
+        # Rows per name `generate` may create (max of num_beams / num_return_sequences); 1 outside generate.
+        self.row_expansion = 1
         self._token_slots_cache: dict[tuple, torch.Tensor] = {}
 
     def slots_for_names(self, adapter_names: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -56,15 +75,22 @@ class SlotTable(SlotAllocator):
         slots = [BASE_SLOT if name == BASE_ADAPTER_NAME else self.slot_of[name] for name in adapter_names]
         return torch.tensor(slots, dtype=torch.long, device=device)
 
-    def set_rows(self, row_slots: Optional[torch.Tensor]) -> None:
+    def set_rows(self, row_slots: Optional[torch.Tensor], row_expansion: int = 1) -> None:
+        """Sets the per-sequence slots of the next forward (`None` ends the mixed batch).
+
+        Args:
+            row_slots: One slot per adapter name.
+            row_expansion: Rows per name that `generate` may create; a batch is then either one row per name (an
+                encoder's pass) or `row_expansion` consecutive rows per name.
+        """
         self.row_slots = row_slots
+        self.row_expansion = max(1, int(row_expansion))
         self._token_slots_cache.clear()
 
     def token_slots(self, x: torch.Tensor) -> torch.Tensor:
         """Slot of every row of `x` flattened to `(tokens, features)`, from the per-sequence `row_slots`.
 
-        Handles inputs expanded by generation (beam search, `num_return_sequences`): the batch is then a multiple of
-        the number of adapter names and each name is repeated consecutively, as `generate` expands inputs.
+        Raises `ValueError` when the batch does not hold one sequence per adapter name (see `rows_per_name`).
         """
         batch = x.shape[0] if x.dim() > 1 else 1
         seq = x[0].numel() // x.shape[-1] if x.dim() > 2 else 1
@@ -73,12 +99,9 @@ class SlotTable(SlotAllocator):
         if cached is not None:
             return cached
         rows = self.row_slots.to(x.device)
-        if batch != rows.shape[0]:
-            if batch % rows.shape[0]:
-                raise ValueError(
-                    f"got {rows.shape[0]} adapter_names for a batch of {batch} sequences; pass one name per sequence."
-                )
-            rows = rows.repeat_interleave(batch // rows.shape[0])
+        repeat = rows_per_name(rows.shape[0], batch, self.row_expansion)
+        if repeat > 1:
+            rows = rows.repeat_interleave(repeat)
         slots = rows.repeat_interleave(seq) if seq > 1 else rows
         self._token_slots_cache[cache_key] = slots
         return slots
