@@ -8,16 +8,18 @@ See `docs/hub.md`.
 """
 
 from .collection import CollectionListing, ListedAdapter, list_collection, pull_collection
-from .errors import CollectionError, HubAuthError, HubToolsError, PullError, PushError
+from .errors import BasesPullError, CollectionError, HubAuthError, HubToolsError, HubUsageError, PullError, PushError
 from .pull import PulledAdapter, pull_adapter
 from .push import PushedAdapter, PushResult, push_collection
 
 
 __all__ = [
+    "BasesPullError",
     "CollectionError",
     "CollectionListing",
     "HubAuthError",
     "HubToolsError",
+    "HubUsageError",
     "ListedAdapter",
     "PullError",
     "PulledAdapter",

@@ -1,11 +1,18 @@
-"""`peft-jd push`, `peft-jd pull` and `peft-jd ls` (registered by `peft_jd.cli` through `register`)."""
+"""`peft-jd push`, `peft-jd pull` and `peft-jd ls` (registered by `peft_jd.cli` through `register`).
+
+Contradictory arguments print one `error: …` line and return 2; failures raise a `JDLoraError` (a `ValueError`),
+which `peft_jd.cli.main` prints as one `error: …` line with exit status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import sys
 from dataclasses import asdict
+
+from .errors import HubUsageError
 
 
 logger = logging.getLogger(__name__)
@@ -37,6 +44,8 @@ def register(subparsers) -> None:
     pull.add_argument("--adapters", nargs="+", help="pull these adapters of the collection")
     pull.add_argument("--revision", help="branch, tag or commit sha")
     pull.add_argument("--local-dir", help="also write a self-contained copy (bases/ + adapters/<name>/) here")
+    pull.add_argument("--overwrite", action="store_true",
+                      help="replace --local-dir even if it holds files peft-jd did not write (they are deleted)")
     pull.add_argument("--cache-dir", help="huggingface_hub cache (default: HF_HUB_CACHE)")
     pull.add_argument("--offline", action="store_true", help="use the local cache only")
     _add_hub_args(pull)
@@ -50,14 +59,24 @@ def register(subparsers) -> None:
     ls.set_defaults(func=_ls)
 
 
+def _usage_error(exc: HubUsageError) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
 def _push(args) -> int:
     from .push import push_collection
 
-    result = push_collection(
-        args.collection, repo=args.repo, bases_repo=args.bases_repo, adapter_repo=args.adapter_repo,
-        adapters=args.adapters, private=args.private, token=args.token, endpoint=args.endpoint,
-        max_workers=args.workers, progress=not args.no_progress,
-    )
+    if args.workers < 1:
+        return _usage_error(HubUsageError(f"--workers must be at least 1, got {args.workers}."))
+    try:
+        result = push_collection(
+            args.collection, repo=args.repo, bases_repo=args.bases_repo, adapter_repo=args.adapter_repo,
+            adapters=args.adapters, private=args.private, token=args.token, endpoint=args.endpoint,
+            max_workers=args.workers, progress=not args.no_progress,
+        )
+    except HubUsageError as exc:
+        return _usage_error(exc)
     bases = result.bases_repo + (f"/{result.bases_subfolder}" if result.bases_subfolder else "")
     print(f"bases: {bases} @ {result.bases_revision} ({'uploaded' if result.bases_uploaded else 'unchanged'})")
     print(f"adapters: {len(result.uploaded)} uploaded, {len(result.adapters) - len(result.uploaded)} unchanged")
@@ -68,8 +87,11 @@ def _pull(args) -> int:
     from .collection import pull_collection
     from .pull import pull_adapter
 
-    kwargs = dict(revision=args.revision, local_dir=args.local_dir, token=args.token, endpoint=args.endpoint,
-                  cache_dir=args.cache_dir, local_files_only=args.offline)
+    problem = _pull_usage_problem(args)
+    if problem:
+        return _usage_error(HubUsageError(problem))
+    kwargs = dict(revision=args.revision, local_dir=args.local_dir, overwrite=args.overwrite, token=args.token,
+                  endpoint=args.endpoint, cache_dir=args.cache_dir, local_files_only=args.offline)
     if args.all or args.adapters:
         pulled = list(pull_collection(args.repo, names=args.adapters, **kwargs).values())
     else:
@@ -80,6 +102,16 @@ def _pull(args) -> int:
     bases = first.bases_repo + (f"/{first.bases_subfolder}" if first.bases_subfolder else "")
     print(f"bases: {bases} @ {first.bases_revision} -> {first.bases_dir} (sha256 {first.fingerprint[:12]}… verified)")
     return 0
+
+
+def _pull_usage_problem(args) -> str:
+    if args.all and args.adapters:
+        return "pass either --all or --adapters, not both."
+    if args.subfolder and (args.all or args.adapters):
+        return "--subfolder pulls one adapter; it cannot be combined with --all or --adapters."
+    if args.overwrite and not args.local_dir:
+        return "--overwrite replaces the --local-dir folder; pass --local-dir too."
+    return ""
 
 
 def _format_figures(figures: dict[str, float]) -> str:

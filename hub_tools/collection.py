@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -12,12 +13,15 @@ import httpx2
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from peft_jd.core import ADAPTER_CONFIG_NAME
+from peft_jd.core import ADAPTER_CONFIG_NAME, INDEX_NAME, PEFT_TYPE, REPORT_NAME
 
 from .errors import HubToolsError, PullError
-from .pull import PulledAdapter, pull_adapter
-from .remote import INDEX_NAME, read_remote_json
-from .report import REPORT_NAME, CollectionReport, parse_report
+from .pull import PulledAdapter, download_adapter, materialise
+from .remote import decode_json, download_optional, parse_index, read_remote_json
+from .report import CollectionReport, parse_report
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,17 +72,31 @@ def _repo_sha(api: HfApi, repo_id: str, revision: Optional[str]) -> str:
         raise HubToolsError(f"repo {repo_id!r} not found, or private and not visible with your token.") from exc
 
 
-def _from_index(repo_id: str, sha: str, index: dict, report: CollectionReport) -> CollectionListing:
+def _from_index(repo_id: str, sha: str, index: Any, report: CollectionReport) -> CollectionListing:
+    entries = parse_index(index, f"{repo_id}@{sha[:12]}/{INDEX_NAME}")
     adapters = []
-    for name, entry in sorted((index.get("adapters") or {}).items()):
+    for name, entry in sorted(entries.items()):
         reported = report.adapters.get(name)
         adapters.append(ListedAdapter(
-            name, entry.get("repo", repo_id), entry.get("subfolder"), entry.get("cluster"),
-            entry.get("bases_revision"), reported.figures if reported else {}, reported.failure if reported else None,
+            name, entry["repo"], entry["subfolder"], entry.get("cluster"), entry.get("bases_revision"),
+            reported.figures if reported else {}, reported.failure if reported else None,
         ))
-    failures = {n: f for n, f in report.failures().items() if n not in index.get("adapters", {})}
+    failures = {n: f for n, f in report.failures().items() if n not in entries}
     return CollectionListing(repo_id, sha, "collection", index.get("layout"), index.get("base_model"),
                              index.get("bases") or {}, adapters, failures, report)
+
+
+def _remote_report(repo_id: str, sha: str, hub_kwargs: dict) -> CollectionReport:
+    """The pushed `report.json`, read defensively: an unreadable report is reported, never fatal."""
+    path = download_optional(repo_id, REPORT_NAME, sha, **hub_kwargs)
+    if path is None:
+        return CollectionReport()
+    try:
+        data = decode_json(path, f"{repo_id}@{sha[:12]}/{REPORT_NAME}")
+    except PullError as exc:
+        logger.warning("%s", exc)
+        return CollectionReport()
+    return parse_report(data, f"{repo_id}/{REPORT_NAME}")
 
 
 def list_collection(
@@ -94,21 +112,18 @@ def list_collection(
     """
     api = HfApi(endpoint=endpoint, token=token)
     try:
-        return _list(api, repo_id, revision)
-    except (HfHubHTTPError, httpx2.TransportError) as exc:
+        return _list(api, repo_id, revision, {"token": token, "endpoint": endpoint})
+    except (HfHubHTTPError, httpx2.TransportError, ConnectionError, TimeoutError) as exc:
         raise HubToolsError(f"listing {repo_id} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _list(api: HfApi, repo_id: str, revision: Optional[str]) -> CollectionListing:
+def _list(api: HfApi, repo_id: str, revision: Optional[str], hub_kwargs: dict) -> CollectionListing:
     sha = _repo_sha(api, repo_id, revision)
-    index = read_remote_json(api, repo_id, INDEX_NAME, revision=sha)
+    index = read_remote_json(repo_id, INDEX_NAME, sha, **hub_kwargs)
     if index is not None:
-        report_data = read_remote_json(api, repo_id, REPORT_NAME, revision=sha)
-        report = parse_report(report_data, f"{repo_id}/{REPORT_NAME}") if report_data is not None else \
-            CollectionReport()
-        return _from_index(repo_id, sha, index, report)
-    config = read_remote_json(api, repo_id, ADAPTER_CONFIG_NAME, revision=sha)
-    if config is None or config.get("peft_type") != "JDLORA":
+        return _from_index(repo_id, sha, index, _remote_report(repo_id, sha, hub_kwargs))
+    config = read_remote_json(repo_id, ADAPTER_CONFIG_NAME, sha, **hub_kwargs)
+    if not isinstance(config, dict) or config.get("peft_type") != PEFT_TYPE:
         raise HubToolsError(f"{repo_id}@{sha[:12]} is neither a JD-LoRA collection (no {INDEX_NAME}) nor a JD-LoRA "
                             "sigma adapter; was it pushed with `peft-jd push`?")
     bases = {"repo": config.get("bases"), "subfolder": config.get("bases_subfolder"),
@@ -123,41 +138,53 @@ def pull_collection(
     names: Optional[Sequence[str]] = None,
     revision: Optional[str] = None,
     local_dir: Optional[str | os.PathLike] = None,
+    overwrite: bool = False,
     token: Optional[str] = None,
     endpoint: Optional[str] = None,
     max_workers: int = 4,
-    **kwargs,
+    cache_dir: Optional[str | os.PathLike] = None,
+    local_files_only: bool = False,
 ) -> dict[str, PulledAdapter]:
     """Pulls the adapters of a pushed collection (all, or `names`), downloading the shared bases once.
 
+    Every adapter is downloaded and verified before anything is written to `local_dir`; the index's names and
+    subfolders are checked first (a name or subfolder that would leave `local_dir` or the Hub cache is a `PullError`).
+
     Args:
         repo_id: The collection's index repo (bases repo, or the single collection repo).
-        names: Adapters to pull (default: every adapter of the index).
+        names: Adapters to pull (default: every adapter of the index; an index without adapters is a `PullError`).
         revision: Revision of `repo_id` (also used for adapters stored in it).
         local_dir: Materialise `local_dir/bases/` + `local_dir/adapters/<name>/` as well.
+        overwrite: Replace `local_dir` even if it holds files peft-jd did not write (everything in it is lost).
         token: Hub token; `endpoint`: Hub endpoint.
         max_workers: Adapters downloaded in parallel (after the first, which fetches the bases).
-        kwargs: Passed to `pull_adapter` (`cache_dir`, `local_files_only`).
+        cache_dir: huggingface_hub cache; `local_files_only`: use the cache only.
     """
     listing = list_collection(repo_id, revision=revision, token=token, endpoint=endpoint)
     if listing.kind != "collection":
         raise PullError(f"{repo_id} is a single adapter, not a collection; use `pull_adapter`.")
     by_name = {a.name: a for a in listing.adapters}
-    wanted = list(names) if names is not None else sorted(by_name)
+    if names is None and not by_name:
+        raise PullError(f"the index of {repo_id}@{listing.revision[:12]} lists no adapters; there is nothing to pull. "
+                        "Push a collection with adapters first (`peft-jd push`).")
+    wanted = list(dict.fromkeys(names)) if names is not None else sorted(by_name)
     unknown = [n for n in wanted if n not in by_name]
     if unknown:
         raise PullError(f"{repo_id} has no adapter(s) {unknown[:10]}; `peft-jd ls {repo_id}` lists them.")
-
-    def pull(name: str) -> PulledAdapter:
-        entry = by_name[name]
-        return pull_adapter(entry.repo_id, subfolder=entry.subfolder, adapter_name=name, local_dir=local_dir,
-                            revision=listing.revision if entry.repo_id == repo_id else None, token=token,
-                            endpoint=endpoint, **kwargs)
-
     if not wanted:
         return {}
-    # The first pull downloads the bases into the cache; the others then only fetch their Σ.
-    pulled = {wanted[0]: pull(wanted[0])}
+    api = HfApi(endpoint=endpoint, token=token)
+    hub_kwargs = {"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token, "endpoint": endpoint}
+
+    def download(name: str):
+        entry = by_name[name]
+        return download_adapter(entry.repo_id, entry.subfolder, listing.revision if entry.repo_id == repo_id else None,
+                                name, api, hub_kwargs, with_card=local_dir is not None)
+
+    # The first download fetches the bases into the cache; the others then only fetch their Σ.
+    downloads = [download(wanted[0])]
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        pulled.update(zip(wanted[1:], pool.map(pull, wanted[1:])))
-    return pulled
+        downloads += list(pool.map(download, wanted[1:]))
+    if local_dir is not None:
+        materialise(local_dir, downloads, overwrite)
+    return {d.pulled.name: d.pulled for d in downloads}

@@ -1,34 +1,56 @@
-"""The local side of a push: reading and checking a compressed collection folder (`OUT/` of `peft-jd compress`)."""
+"""The local side of a push: reading and checking a compressed collection folder (`OUT/` of `peft-jd compress`).
+
+A push uploads only what the format names (`bases/` config and weights, each `adapters/<name>/` config and weights,
+`report.json`), and each of them only if it is a regular file inside the collection (no symbolic link anywhere on
+its path: a link could expose a file from elsewhere, a token for instance) whose content is what the format says:
+the bases weights hold exactly the `<module>.U` / `<module>.V` tensors of the bases config, each sigma adapter passes
+`peft_jd.core.validate_against_bases`, the JSON files are objects. Hidden entries (`.tmp-*`, `.trash-*` folders of
+in-flight or interrupted writes, the `.peft-jd.json` marker) are never read.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from safetensors import SafetensorError, safe_open
 
 from peft_jd.core import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    ADAPTERS_DIR,
     BASES_CONFIG_NAME,
+    BASES_DIR,
     BASES_WEIGHTS_NAME,
+    REPORT_NAME,
+    AdapterSpec,
     BasesConfig,
+    JDLoraError,
+    check_path_component,
+    confined_path,
     file_sha256,
+    read_adapter_tensors,
+    read_json_object,
+    validate_against_bases,
 )
 
 from .errors import CollectionError
-from .report import REPORT_NAME, CollectionReport, read_report
+from .report import CollectionReport, read_report
 
 
 _VERIFIED: dict[tuple[str, int, int], str] = {}
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def verified_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file, computed once per (path, size, mtime) in this process (bases files can be GBs)."""
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    stat_result = os.stat(path)
+    key = (os.path.realpath(path), stat_result.st_size, stat_result.st_mtime_ns)
     if key not in _VERIFIED:
         _VERIFIED[key] = file_sha256(path)
     return _VERIFIED[key]
@@ -41,7 +63,7 @@ def config_json_bytes(config: dict) -> bytes:
 
 @dataclass
 class LocalAdapter:
-    """One sigma adapter folder of a local collection."""
+    """One sigma adapter folder of a local collection, checked against the collection's bases."""
 
     name: str
     directory: Path
@@ -65,71 +87,150 @@ class LocalCollection:
     root: Path
     bases_config: BasesConfig
     adapters: dict[str, LocalAdapter]
-    report: CollectionReport
+    report: CollectionReport = field(default_factory=CollectionReport)
+    report_path: Optional[Path] = None
 
     @property
     def bases_dir(self) -> Path:
-        return self.root / "bases"
+        return self.root / BASES_DIR
 
     @property
     def fingerprint(self) -> str:
         return self.bases_config.fingerprint
 
-    @property
-    def report_path(self) -> Optional[Path]:
-        path = self.root / REPORT_NAME
-        return path if path.is_file() else None
+
+def _no_links(root: Path, parts: Sequence[str]) -> Path:
+    """`root/parts…`, refused with `CollectionError` if it leaves `root` or any component below `root` is a link."""
+    current = root
+    for part in parts:
+        current = current / part
+        if current.is_symlink():
+            raise CollectionError(
+                f"{current} is a symbolic link; push uploads only regular files of the collection (a link could "
+                "expose a file from elsewhere, e.g. a token). Replace the link by a copy of what it points to."
+            )
+    try:
+        return confined_path(root, *parts)
+    except JDLoraError as exc:
+        raise CollectionError(f"{exc} Only files inside the collection are pushed.") from None
+
+
+def _regular_file(root: Path, *parts: str, missing: str) -> Path:
+    """A regular file inside the collection (see `_no_links`); `missing` is the message when it does not exist."""
+    path = _no_links(root, parts)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise CollectionError(missing) from None
+    if not stat.S_ISREG(mode):
+        raise CollectionError(f"{path} is not a regular file; push uploads only regular files of the collection.")
+    return path
+
+
+def _check_bases_tensors(path: Path, config: BasesConfig) -> None:
+    """The bases weights hold exactly `<module>.U` (c, out, r) and `<module>.V` (c, in, r) per module, as floats."""
+    expected = {}
+    for module_key, spec in config.modules.items():
+        expected[f"{module_key}.U"] = (spec.num_clusters, spec.out_features, config.r)
+        expected[f"{module_key}.V"] = (spec.num_clusters, spec.in_features, config.r)
+    try:
+        with safe_open(path, framework="pt") as f:
+            found = {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CollectionError(f"{path} is not a readable safetensors file ({exc}); re-run `peft-jd compress`."
+                              ) from exc
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CollectionError(
+            f"{path} does not hold the tensors its config {BASES_CONFIG_NAME} lists (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}); the bases folder is inconsistent. Re-run `peft-jd compress`."
+        )
+    for key, shape in expected.items():
+        if found[key][0] != shape or found[key][1] not in _FLOAT_DTYPES:
+            raise CollectionError(
+                f"{path}: tensor {key} has shape {found[key][0]} and dtype {found[key][1]}, but the bases config "
+                f"says {shape} (float); the bases folder is inconsistent. Re-run `peft-jd compress`."
+            )
 
 
 def _read_bases(root: Path) -> BasesConfig:
-    bases_dir = root / "bases"
-    for name in (BASES_CONFIG_NAME, BASES_WEIGHTS_NAME):
-        if not (bases_dir / name).is_file():
-            raise CollectionError(
-                f"{root} is not a compressed collection: {bases_dir / name} is missing. Point to the output folder of "
-                "`peft-jd compress` (it holds bases/ and adapters/)."
-            )
-    config = BasesConfig.from_file(bases_dir / BASES_CONFIG_NAME)
-    actual = verified_sha256(bases_dir / BASES_WEIGHTS_NAME)
+    def missing(file_name: str) -> str:
+        return (f"{root} is not a compressed collection: {root / BASES_DIR / file_name} is missing. Point to the "
+                f"output folder of `peft-jd compress` (it holds {BASES_DIR}/ and {ADAPTERS_DIR}/).")
+
+    config_path = _regular_file(root, BASES_DIR, BASES_CONFIG_NAME, missing=missing(BASES_CONFIG_NAME))
+    weights_path = _regular_file(root, BASES_DIR, BASES_WEIGHTS_NAME, missing=missing(BASES_WEIGHTS_NAME))
+    try:
+        config = BasesConfig.from_file(config_path)
+    except JDLoraError as exc:
+        raise CollectionError(f"{exc} Re-run `peft-jd compress`.") from exc
+    actual = verified_sha256(weights_path)
     if config.fingerprint and actual != config.fingerprint:
         raise CollectionError(
-            f"{bases_dir / BASES_WEIGHTS_NAME} has sha256 {actual[:12]}… but its config records "
-            f"{config.fingerprint[:12]}…: the bases were modified after compression. Re-run `peft-jd compress`."
+            f"{weights_path} has sha256 {actual[:12]}… but its config records {config.fingerprint[:12]}…: the bases "
+            "were modified after compression. Re-run `peft-jd compress`."
         )
+    _check_bases_tensors(weights_path, config)
     config.fingerprint = config.fingerprint or actual
     return config
 
 
-def _read_adapter(directory: Path, bases: BasesConfig) -> LocalAdapter:
-    name = directory.name
-    for file_name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
-        if not (directory / file_name).is_file():
-            raise CollectionError(f"adapter {name!r}: {directory / file_name} is missing; re-run the compression.")
+def _read_adapter(root: Path, name: str, bases: BasesConfig) -> LocalAdapter:
+    def missing(file_name: str) -> str:
+        return f"adapter {name!r}: {root / ADAPTERS_DIR / name / file_name} is missing; re-run the compression."
+
+    config_path = _regular_file(root, ADAPTERS_DIR, name, ADAPTER_CONFIG_NAME, missing=missing(ADAPTER_CONFIG_NAME))
+    weights_path = _regular_file(root, ADAPTERS_DIR, name, ADAPTER_WEIGHTS_NAME, missing=missing(ADAPTER_WEIGHTS_NAME))
     try:
-        config = json.loads((directory / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise CollectionError(f"adapter {name!r}: {directory / ADAPTER_CONFIG_NAME} is not JSON ({exc}).") from exc
-    if config.get("peft_type") != "JDLORA":
+        config = read_json_object(config_path, f"adapter {name!r}")
+        spec = AdapterSpec.from_config(config, name, source=str(config_path))
+        sigmas, _saved = read_adapter_tensors(spec, weights_path)
+        validate_against_bases(spec, sigmas, bases, bases_label=f"in {root / BASES_DIR}")
+    except JDLoraError as exc:
         raise CollectionError(
-            f"adapter {name!r}: peft_type is {config.get('peft_type')!r}, not 'JDLORA'; only compressed sigma "
-            "adapters can be pushed with `peft-jd push`."
-        )
-    recorded = config.get("bases_fingerprint")
-    if recorded and recorded != bases.fingerprint:
+            f"adapter {name!r} cannot be pushed: {exc} (Only compressed sigma adapters of this collection's bases are "
+            "pushed; fix or remove the folder.)"
+        ) from exc
+    return LocalAdapter(name, root / ADAPTERS_DIR / name, config)
+
+
+def _adapter_names(root: Path) -> list[str]:
+    folder = _no_links(root, [ADAPTERS_DIR])
+    if not folder.is_dir():
+        return []
+    names = []
+    for entry in os.scandir(folder):
+        # Hidden entries are in-flight or abandoned atomic writes (`.tmp-*`, `.trash-*`) or markers, never adapters.
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink():
+            raise CollectionError(
+                f"{entry.path} is a symbolic link; push uploads only adapters stored inside the collection. Replace "
+                "the link by a copy of the adapter folder."
+            )
+        if entry.is_dir(follow_symlinks=False):
+            try:
+                names.append(check_path_component(entry.name))
+            except JDLoraError as exc:
+                raise CollectionError(f"{entry.path}: {exc} Rename the folder.") from None
+    return sorted(names)
+
+
+def _read_report(root: Path) -> tuple[CollectionReport, Optional[Path]]:
+    if not os.path.lexists(root / REPORT_NAME):
+        return CollectionReport(), None
+    path = _regular_file(root, REPORT_NAME, missing=f"{root / REPORT_NAME} vanished while reading the collection.")
+    try:
+        read_json_object(path, "compression report")
+        return read_report(path), path
+    except JDLoraError as exc:
         raise CollectionError(
-            f"adapter {name!r} was compressed against bases {recorded[:12]}…, but {directory.parent.parent / 'bases'} "
-            f"holds {bases.fingerprint[:12]}…. Re-project it onto these bases with `peft-jd add`, or remove it."
-        )
-    if config.get("r") != bases.r or config.get("sigma_type") != bases.sigma_type:
-        raise CollectionError(
-            f"adapter {name!r} has r={config.get('r')}, sigma_type={config.get('sigma_type')!r} but the bases have "
-            f"r={bases.r}, sigma_type={bases.sigma_type!r}; it does not belong to this collection."
-        )
-    return LocalAdapter(name, directory, config)
+            f"{exc} Push uploads {REPORT_NAME} as it is: fix it, or delete it (it is optional)."
+        ) from exc
 
 
 def read_collection(root: str | os.PathLike, names: Optional[Sequence[str]] = None) -> LocalCollection:
-    """Reads and checks a local collection.
+    """Reads and checks a local collection (see the module docstring for what is checked).
 
     Args:
         root: The collection folder (`bases/`, `adapters/<name>/`, optional `report.json`).
@@ -142,21 +243,16 @@ def read_collection(root: str | os.PathLike, names: Optional[Sequence[str]] = No
     if not root.is_dir():
         raise CollectionError(f"collection folder {root} does not exist.")
     bases = _read_bases(root)
-    adapters_dir = root / "adapters"
-    found = []
-    if adapters_dir.is_dir():
-        # Hidden entries are in-flight or abandoned atomic writes (`.tmp-*`, `.trash-*`), never adapters.
-        found = sorted(p for p in adapters_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = _adapter_names(root)
     if names is not None:
-        available = {p.name: p for p in found}
-        unknown = [n for n in names if n not in available]
+        unknown = [n for n in names if n not in found]
         if unknown:
             raise CollectionError(
-                f"adapter(s) {unknown[:10]} are not in {adapters_dir} (it has {len(available)}: "
-                f"{sorted(available)[:10]}…)."
+                f"adapter(s) {unknown[:10]} are not in {root / ADAPTERS_DIR} (it has {len(found)}: {found[:10]}…)."
             )
-        found = [available[n] for n in names]
+        found = list(dict.fromkeys(names))
     if not found:
-        raise CollectionError(f"{adapters_dir} holds no adapters; nothing to push.")
-    adapters = {p.name: _read_adapter(p, bases) for p in found}
-    return LocalCollection(root, bases, adapters, read_report(root / REPORT_NAME))
+        raise CollectionError(f"{root / ADAPTERS_DIR} holds no adapters; nothing to push.")
+    adapters = {name: _read_adapter(root, name, bases) for name in found}
+    report, report_path = _read_report(root)
+    return LocalCollection(root, bases, adapters, report, report_path)

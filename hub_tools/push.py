@@ -14,10 +14,11 @@ The collection index (`jd_collection.json`) and cards are committed last, only o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -28,21 +29,27 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalToken
 from huggingface_hub.utils import validate_repo_id
 from tqdm.auto import tqdm
 
-from peft_jd.core import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, BASES_CONFIG_NAME, BASES_WEIGHTS_NAME
+from peft_jd.core import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    BASES_CONFIG_NAME,
+    BASES_DIR,
+    BASES_WEIGHTS_NAME,
+    CARD_NAME,
+    INDEX_NAME,
+    REPORT_NAME,
+    adapter_subfolder,
+    writer_lock,
+)
 
 from . import remote
 from .cards import collection_card, sigma_card
-from .errors import CollectionError, HubAuthError, PushError
+from .errors import CollectionError, HubAuthError, HubUsageError, PullError, PushError
 from .local import LocalCollection, read_collection
-from .remote import INDEX_NAME, Upload
-from .report import REPORT_NAME
+from .remote import INDEX_FORMAT, Upload
 
 
 logger = logging.getLogger(__name__)
-
-BASES_FOLDER = "bases"
-ADAPTERS_FOLDER = "adapters"
-INDEX_FORMAT = "peft-jd-hub-collection"
 
 
 @dataclass
@@ -87,9 +94,11 @@ def _layout(repo: Optional[str], bases_repo: Optional[str], adapter_repo: Option
         return "subfolders"
     if bases_repo and adapter_repo and not repo:
         if "{name}" not in adapter_repo:
-            raise ValueError(f"adapter_repo must contain '{{name}}' (e.g. 'org/{{name}}-jd'), got {adapter_repo!r}.")
+            raise HubUsageError(
+                f"adapter_repo must contain '{{name}}' (e.g. 'org/{{name}}-jd'), got {adapter_repo!r}."
+            )
         return "repos"
-    raise ValueError(
+    raise HubUsageError(
         "choose one layout: `repo=` (bases and adapters as subfolders of one repo) or `bases_repo=` together with "
         "`adapter_repo=` (one bases repo plus one repo per adapter, e.g. 'org/{name}-jd')."
     )
@@ -122,7 +131,11 @@ def _check_token(api: HfApi) -> None:
                 f"{api.endpoint} rejected your token ({exc.response.status_code}): it is invalid or expired. Create a "
                 "token with write access and log in again (`hf auth login`) or set HF_TOKEN."
             ) from None
-        raise
+        raise PushError(f"{api.endpoint} did not answer the token check ({' '.join(str(exc).split())}); nothing was "
+                        "uploaded. Retry when the Hub answers.") from exc
+    except (httpx2.TransportError, ConnectionError, TimeoutError) as exc:
+        raise PushError(f"cannot reach {api.endpoint} ({type(exc).__name__}: {exc}); nothing was uploaded. Check the "
+                        "network and HF_ENDPOINT, then retry.") from exc
 
 
 def _ensure_repo(api: HfApi, repo_id: str, private: bool) -> None:
@@ -153,7 +166,7 @@ def _push_adapter_repo(api: HfApi, collection: LocalCollection, name: str, repo_
     uploads = [
         Upload(ADAPTER_CONFIG_NAME, adapter.config_for_hub(bases_repo, pin, None)),
         Upload(ADAPTER_WEIGHTS_NAME, adapter.weights),
-        Upload("README.md", card.encode("utf-8")),
+        Upload(CARD_NAME, card.encode("utf-8")),
     ]
     try:
         todo = remote.changed(api, repo_id, uploads)
@@ -207,13 +220,13 @@ def _push_repos(api: HfApi, collection: LocalCollection, bases_repo: str, repo_i
 def _push_subfolders(api: HfApi, collection: LocalCollection, repo_id: str, private: bool, adapters_per_commit: int,
                      progress: bool) -> PushResult:
     _ensure_repo(api, repo_id, private)
-    pin, bases_uploaded = _push_bases(api, collection, repo_id, BASES_FOLDER)
-    result = PushResult("subfolders", repo_id, BASES_FOLDER, pin, bases_uploaded)
+    pin, bases_uploaded = _push_bases(api, collection, repo_id, BASES_DIR)
+    result = PushResult("subfolders", repo_id, BASES_DIR, pin, bases_uploaded)
     # Adapters sit two levels below the repo root, next to `bases/`: the relative reference stays valid on the Hub.
-    relative_bases = f"../../{BASES_FOLDER}"
+    relative_bases = f"../../{BASES_DIR}"
     uploads: dict[str, list[Upload]] = {}
     for name, adapter in collection.adapters.items():
-        folder = f"{ADAPTERS_FOLDER}/{name}"
+        folder = adapter_subfolder(name)
         uploads[name] = [
             Upload(f"{folder}/{ADAPTER_CONFIG_NAME}", adapter.config_for_hub(relative_bases, pin, None)),
             Upload(f"{folder}/{ADAPTER_WEIGHTS_NAME}", adapter.weights),
@@ -221,14 +234,14 @@ def _push_subfolders(api: HfApi, collection: LocalCollection, repo_id: str, priv
     todo_paths = {u.path_in_repo for u in remote.changed(api, repo_id, [u for us in uploads.values() for u in us])}
     pending = [name for name in uploads if any(u.path_in_repo in todo_paths for u in uploads[name])]
     for name in uploads:
-        result.adapters[name] = PushedAdapter(name, repo_id, f"{ADAPTERS_FOLDER}/{name}", 0)
+        result.adapters[name] = PushedAdapter(name, repo_id, adapter_subfolder(name), 0)
     with tqdm(total=len(pending), desc="pushing adapters", unit="adapter", disable=not progress) as bar:
         for start in range(0, len(pending), adapters_per_commit):
             batch = pending[start : start + adapters_per_commit]
             files = [u for name in batch for u in uploads[name] if u.path_in_repo in todo_paths]
             try:
                 sha = remote.commit(api, repo_id, files, f"Upload {len(batch)} JD-LoRA adapter(s) "
-                                    f"(bases {BASES_FOLDER}/@{pin[:12]})")
+                                    f"(bases {BASES_DIR}/@{pin[:12]})")
             except Exception as exc:
                 _raise_if_failed({name: exc for name in pending[start:]}, len(uploads))
             for name in batch:
@@ -236,15 +249,29 @@ def _push_subfolders(api: HfApi, collection: LocalCollection, repo_id: str, priv
                 result.adapters[name].commit = sha
             bar.update(len(batch))
     entries = {a.name: {"repo": repo_id, "subfolder": a.subfolder} for a in result.adapters.values()}
-    _push_index(api, collection, repo_id, BASES_FOLDER, result, entries)
+    _push_index(api, collection, repo_id, BASES_DIR, result, entries)
     return result
+
+
+def _previous_entries(api: HfApi, repo_id: str, layout: str) -> dict[str, dict[str, Any]]:
+    """The adapters the repo's current index lists (merged with this push's), checked like a pull checks them."""
+    try:
+        previous = remote.read_remote_json(repo_id, INDEX_NAME, endpoint=api.endpoint, token=api.token)
+        if previous is None:
+            return {}
+        entries = remote.parse_index(previous, f"{repo_id}/{INDEX_NAME}")
+    except PullError as exc:
+        raise PushError(
+            f"every adapter is on the Hub, but the index could not be merged: {exc} If the file is broken, delete "
+            f"{INDEX_NAME} from {repo_id} and re-run the push (it then lists the adapters of this push only)."
+        ) from exc
+    return dict(entries) if previous.get("layout") == layout else {}
 
 
 def _push_index(api: HfApi, collection: LocalCollection, repo_id: str, bases_folder: str, result: PushResult,
                 entries: dict[str, dict[str, Any]]) -> None:
     """Commits the index, card and report: the last step, so they never list an adapter that is not there."""
-    previous = remote.read_remote_json(api, repo_id, INDEX_NAME) or {}
-    adapters = dict(previous.get("adapters", {})) if previous.get("layout") == result.layout else {}
+    adapters = _previous_entries(api, repo_id, result.layout)
     for name, entry in entries.items():
         adapters[name] = {**entry, "cluster": collection.adapters[name].config.get("cluster"),
                           "bases_revision": result.bases_revision}
@@ -261,7 +288,7 @@ def _push_index(api: HfApi, collection: LocalCollection, repo_id: str, bases_fol
     card = collection_card(repo_id, collection.bases_config, bases_bytes, result.bases_revision, adapters,
                            collection.report, bases_folder or None)
     uploads = [Upload(INDEX_NAME, json.dumps(index, indent=2, sort_keys=True).encode()),
-               Upload("README.md", card.encode("utf-8"))]
+               Upload(CARD_NAME, card.encode("utf-8"))]
     if collection.report_path is not None:
         uploads.append(Upload(REPORT_NAME, collection.report_path))
     remote.commit(api, repo_id, remote.changed(api, repo_id, uploads), "Update JD-LoRA collection index and card")
@@ -300,9 +327,29 @@ def push_collection(
         A `PushResult` with the pinned bases commit and what each adapter upload did.
     """
     layout = _layout(repo, bases_repo, adapter_repo)
-    collection = read_collection(collection_dir, adapters)
+    # Held for the whole push: uploads read the files, and `compress` / `add` must not replace them meanwhile.
+    with _collection_lock(collection_dir):
+        collection = read_collection(collection_dir, adapters)
+        return _push(collection, layout, repo, bases_repo, adapter_repo, private, token, endpoint, max_workers,
+                     adapters_per_commit, progress)
+
+
+@contextlib.contextmanager
+def _collection_lock(collection_dir: str | os.PathLike) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(writer_lock(collection_dir))
+        except PermissionError as exc:
+            # A read-only collection (a mounted volume) cannot be written by anyone else through peft-jd either.
+            logger.warning("cannot take the writers' lock of %s (%s); pushing without it", collection_dir, exc)
+        yield
+
+
+def _push(collection: LocalCollection, layout: str, repo: Optional[str], bases_repo: Optional[str],
+          adapter_repo: Optional[str], private: bool, token: Optional[str], endpoint: Optional[str], max_workers: int,
+          adapters_per_commit: int, progress: bool) -> PushResult:
     api = HfApi(endpoint=endpoint, token=token)
-    repo_ids = {name: adapter_repo.format(name=name) for name in collection.adapters} if layout == "repos" else {}
+    repo_ids = {n: adapter_repo.replace("{name}", n) for n in collection.adapters} if layout == "repos" else {}
     _check_repo_ids({"(bases)": bases_repo, **repo_ids} if layout == "repos" else {"(collection)": repo})
     _check_token(api)
     try:
@@ -311,7 +358,7 @@ def push_collection(
         return _push_subfolders(api, collection, repo, private, adapters_per_commit, progress)
     except (HfHubHTTPError, httpx2.TransportError) as exc:
         raise PushError(
-            f"push of {collection_dir} to {bases_repo or repo} stopped: {type(exc).__name__}: {exc}. What reached the "
-            "Hub is consistent (adapters are committed whole, pinned to committed bases; the index comes last). "
+            f"push of {collection.root} to {bases_repo or repo} stopped: {type(exc).__name__}: {exc}. What reached "
+            "the Hub is consistent (adapters are committed whole, pinned to committed bases; the index comes last). "
             "Re-run the same push to resume."
         ) from exc

@@ -9,20 +9,28 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from huggingface_hub import CommitOperationAdd, HfApi
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils.sha import git_hash
 
-from peft_jd.core import BASES_CONFIG_NAME, BASES_WEIGHTS_NAME
+from peft_jd.core import (
+    BASES_CONFIG_NAME,
+    BASES_WEIGHTS_NAME,
+    JDLoraError,
+    check_hub_path,
+    check_path_component,
+    hub_download,
+)
 
-from .errors import PushError
+from .errors import PullError, PushError
 from .local import verified_sha256
 
 
-INDEX_NAME = "jd_collection.json"
+INDEX_FORMAT = "peft-jd-hub-collection"
 PATHS_PER_REQUEST = 500  # the Hub accepts at most 1000 paths per paths-info call
 
 
@@ -114,11 +122,95 @@ def bases_pin(api: HfApi, repo_id: str, folder: str = "") -> str:
     raise PushError(f"could not find the commit of {repo_id} that holds the current bases; retry the push.")
 
 
-def read_remote_json(api: HfApi, repo_id: str, path: str, revision: Optional[str] = None, **kwargs) -> Optional[dict]:
-    """Downloads and decodes a JSON file of a repo; None if the repo has no such file."""
+def download_optional(repo_id: str, path: str, revision: Optional[str] = None, **hub_kwargs) -> Optional[str]:
+    """Local path of a file of a repo (through `peft_jd.core.hub_download`), or None if the repo has no such file.
+
+    Any other failure (missing repo or revision, network, offline and not cached) raises `PullError`.
+    """
     try:
-        local = api.hf_hub_download(repo_id, path, revision=revision, **kwargs)
-    except EntryNotFoundError:
+        return hub_download(repo_id, [path], revision=revision, what="collection", error_cls=PullError,
+                            **hub_kwargs)[0]
+    except PullError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, EntryNotFoundError) and not isinstance(cause, LocalEntryNotFoundError):
+            return None
+        raise
+
+
+def decode_json(local_path: str, where: str) -> Any:
+    """Decodes a downloaded JSON file; `PullError` naming `where` (repo/path) when it is not UTF-8 JSON."""
+    try:
+        with open(local_path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PullError(f"{where} is not a JSON file ({exc}); it was not written by `peft-jd push`. Re-push the "
+                        "collection (or fix the file on the Hub).") from exc
+
+
+def read_remote_json(repo_id: str, path: str, revision: Optional[str] = None, **hub_kwargs) -> Optional[Any]:
+    """Downloads and decodes a JSON file of a repo; None if the repo has no such file (`PullError` if unreadable)."""
+    local = download_optional(repo_id, path, revision, **hub_kwargs)
+    return None if local is None else decode_json(local, f"{repo_id}/{path}")
+
+
+def _index_error(where: str, problem: str) -> PullError:
+    return PullError(f"{where}: {problem}. It is not a `peft-jd push` index (or was tampered with); no adapter was "
+                     "downloaded and nothing was written. Re-push the collection with `peft-jd push`.")
+
+
+def parse_index(index: Any, where: str) -> dict[str, dict[str, Any]]:
+    """The checked adapter entries of a `jd_collection.json`: name → `{"repo", "subfolder", "cluster",
+    "bases_revision"}`.
+
+    Names become folder names when pulled and subfolders paths in the Hub cache, so both are checked here, once, with
+    the collection's name rule (`peft_jd.core.check_path_component`); anything else raises `PullError` naming `where`.
+    """
+    if not isinstance(index, dict):
+        raise _index_error(where, f"the index must be a JSON object, not {type(index).__name__}")
+    for key in ("layout", "base_model"):
+        if index.get(key) is not None and not isinstance(index[key], str):
+            raise _index_error(where, f"`{key}` must be a string, not {index[key]!r}")
+    if index.get("bases") is not None and not isinstance(index["bases"], dict):
+        raise _index_error(where, f"`bases` must be an object, not {type(index['bases']).__name__}")
+    adapters = index.get("adapters")
+    if adapters is None:
+        adapters = {}
+    if not isinstance(adapters, dict):
+        raise _index_error(where, f"`adapters` must be an object (name → entry), not {type(adapters).__name__}")
+    return {name: _index_entry(name, entry, where) for name, entry in adapters.items()}
+
+
+def _index_entry(name: str, entry: Any, where: str) -> dict[str, Any]:
+    try:
+        check_path_component(name, "adapter name")
+    except JDLoraError as exc:
+        raise _index_error(where, str(exc).rstrip(".")) from None
+    if not isinstance(entry, dict):
+        raise _index_error(where, f"the entry of adapter {name!r} must be an object, not {type(entry).__name__}")
+    repo, subfolder, revision = entry.get("repo"), entry.get("subfolder"), entry.get("bases_revision")
+    try:
+        validate_repo_id(repo)
+    except (HFValidationError, TypeError) as exc:
+        raise _index_error(where, f"adapter {name!r} has repo {repo!r}, not a Hub repo id ({exc})") from None
+    try:
+        subfolder = check_subfolder(subfolder, f"subfolder of adapter {name!r}")
+        check_hub_path(revision if isinstance(revision, str) else None, f"bases revision of adapter {name!r}")
+    except JDLoraError as exc:
+        raise _index_error(where, str(exc).rstrip(".")) from None
+    if revision is not None and not isinstance(revision, str):
+        raise _index_error(where, f"adapter {name!r} has bases_revision {revision!r}, not a commit sha")
+    return {**entry, "repo": repo, "subfolder": subfolder}
+
+
+def check_subfolder(subfolder: Any, what: str = "subfolder") -> Optional[str]:
+    """A Hub subfolder of a JD-LoRA repo: `/`-separated parts that each follow the collection's name rule."""
+    if subfolder is None or subfolder == "":
         return None
-    with open(local, encoding="utf-8") as f:
-        return json.load(f)
+    if not isinstance(subfolder, str) or subfolder.startswith("/"):
+        raise PullError(f"{what} {subfolder!r} must be a relative path inside the repo (e.g. 'adapters/task-0').")
+    for part in subfolder.rstrip("/").split("/"):
+        try:
+            check_path_component(part, f"{what} part")
+        except JDLoraError as exc:
+            raise PullError(f"{what} {subfolder!r}: {exc}") from None
+    return subfolder.rstrip("/")

@@ -1,27 +1,24 @@
-"""Defensive reading of a compression `report.json`: per-adapter cluster, error figures and failures.
+"""The compression report as the Hub tools list it: a view of `peft_jd.compression.CompressionReport`, the one
+reader of `report.json` (no key guessing here).
 
-The report is written by the compression engine; its exact schema may evolve, so this reader accepts the shapes it
-is likely to take (`{"adapters": {name: {...}}}`, `{"adapters": [{"name": ...}, ...]}`) and keeps what it understands:
-numeric figures, a cluster id, and a failure message. Anything else is ignored, never fatal.
+`read_report` (a local collection about to be pushed) refuses a `report.json` that is not a peft-jd compression
+report, since push uploads it; `parse_report` (a report already on the Hub, for `peft-jd ls`) only warns.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from peft_jd.compression.report import CompressionReport
+from peft_jd.core import REPORT_NAME, AdapterFormatError
+
 
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = "report.json"
-_NAME_KEYS = ("name", "adapter", "adapter_name", "id")
-_CLUSTER_KEYS = ("cluster", "clusters", "cluster_id")
-_FAILURE_KEYS = ("error_message", "failure", "exception", "message")
-_OK_STATUSES = ("ok", "success", "done", "compressed")
+__all__ = ["REPORT_NAME", "AdapterReport", "CollectionReport", "parse_report", "read_report", "view"]
 
 
 @dataclass
@@ -30,9 +27,10 @@ class AdapterReport:
 
     Args:
         name: Adapter name (its folder name under `adapters/`).
-        cluster: Cluster id (int, or a per-module dict), if reported.
-        figures: Numeric figures (e.g. relative reconstruction errors), by the report's own key names.
-        failure: Why compression failed for this adapter, if it did.
+        cluster: Cluster id (int, or a per-module dict).
+        figures: `mean_err2`, `mean_err`, `max_err2` (see `CompressionReport.adapter_figures`).
+        failure: Always `None`: `compress` stops on a bad input instead of recording a failed adapter (kept for
+            the listing's fields).
     """
 
     name: str
@@ -43,80 +41,37 @@ class AdapterReport:
 
 @dataclass
 class CollectionReport:
-    """Per-adapter entries plus the report's top-level numeric figures (empty when there is no report)."""
+    """Per-adapter entries plus the collection's figures (empty when there is no report)."""
 
     adapters: dict[str, AdapterReport] = field(default_factory=dict)
     figures: dict[str, float] = field(default_factory=dict)
-    raw: Optional[dict] = None
+    compression: Optional[CompressionReport] = None
 
     def failures(self) -> dict[str, str]:
         return {name: entry.failure for name, entry in self.adapters.items() if entry.failure}
 
     def mean_figures(self) -> dict[str, float]:
-        """Mean over adapters of every figure that all reporting adapters share."""
-        keys = None
-        for entry in self.adapters.values():
-            if entry.figures:
-                keys = set(entry.figures) if keys is None else keys & set(entry.figures)
-        out = {}
-        for key in sorted(keys or ()):
-            values = [e.figures[key] for e in self.adapters.values() if key in e.figures]
-            out[key] = sum(values) / len(values)
-        return out
+        return self.compression.mean_figures() if self.compression is not None else {}
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _numeric(data: dict, skip: tuple[str, ...] = ()) -> dict[str, float]:
-    return {k: float(v) for k, v in data.items() if _is_number(v) and k not in skip}
-
-
-def _entry(name: str, data: Any) -> AdapterReport:
-    if not isinstance(data, dict):
-        return AdapterReport(name, figures={"value": float(data)} if _is_number(data) else {})
-    cluster = next((data[k] for k in _CLUSTER_KEYS if k in data), None)
-    failure = data.get("error") if isinstance(data.get("error"), str) else None
-    status = data.get("status")
-    if failure is None and isinstance(status, str) and status.lower() not in _OK_STATUSES:
-        failure = next((data[k] for k in _FAILURE_KEYS if isinstance(data.get(k), str)), status)
-    nested = {k: v for k, v in data.items() if isinstance(v, dict) and k not in _CLUSTER_KEYS}
-    figures = _numeric(data, skip=_CLUSTER_KEYS)
-    for key, value in nested.items():  # e.g. {"errors": {"rel_error_mean": 0.3}}: flatten one level
-        figures.update({f"{key}.{k}": v for k, v in _numeric(value).items()})
-    return AdapterReport(name, cluster, figures, failure)
+def view(report: Optional[CompressionReport]) -> CollectionReport:
+    """The Hub tools' view of a compression report (`None`: no report)."""
+    if report is None:
+        return CollectionReport()
+    adapters = {name: AdapterReport(name, entry.get("cluster"), report.adapter_figures(name))
+                for name, entry in report.adapters.items()}
+    return CollectionReport(adapters, report.mean_figures(), report)
 
 
 def parse_report(data: Any, source: str = REPORT_NAME) -> CollectionReport:
-    """Builds a `CollectionReport` from the decoded JSON of a report; unknown shapes give an empty report."""
-    if not isinstance(data, dict):
-        logger.warning("%s: not a JSON object; ignoring the report.", source)
+    """The view of a decoded remote report; one that is not a peft-jd compression report is ignored with a warning."""
+    try:
+        return view(CompressionReport.from_dict(data, source))
+    except AdapterFormatError as exc:
+        logger.warning("%s; listing without the compression report.", exc)
         return CollectionReport()
-    container = data.get("adapters", data.get("per_adapter"))
-    entries: dict[str, AdapterReport] = {}
-    if isinstance(container, dict):
-        entries = {str(name): _entry(str(name), value) for name, value in container.items()}
-    elif isinstance(container, list):
-        for item in container:
-            name = next((item[k] for k in _NAME_KEYS if isinstance(item, dict) and isinstance(item.get(k), str)), None)
-            if name is None:
-                logger.warning("%s: adapter entry without a name ignored: %.80r", source, item)
-                continue
-            entries[name] = _entry(name, item)
-    elif container is not None:
-        logger.warning("%s: `adapters` is neither an object nor a list; ignoring it.", source)
-    return CollectionReport(entries, _numeric(data), data)
 
 
 def read_report(path: str | os.PathLike) -> CollectionReport:
-    """Reads `report.json` if it exists; a missing or unreadable report gives an empty `CollectionReport`."""
-    if not os.path.isfile(path):
-        return CollectionReport()
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as exc:
-        logger.warning("%s is unreadable (%s); continuing without the compression report.", path, exc)
-        return CollectionReport()
-    return parse_report(data, str(path))
+    """The view of a local `report.json` (empty if there is none); `AdapterFormatError` if it is not a report."""
+    return view(CompressionReport.load_optional(path))

@@ -7,13 +7,15 @@ import json
 import logging
 
 import pytest
+from collection_fixtures import write_report
 from utils import make_collection, tiny_llama
 
 from hub_tools.cards import collection_card, human_size
 from hub_tools.cli import register
 from hub_tools.errors import CollectionError
 from hub_tools.report import parse_report, read_report
-from peft_jd.core import BasesConfig
+from peft_jd.compression.report import CompressionReport
+from peft_jd.core import AdapterFormatError, BasesConfig
 
 
 pytest_plugins = ["hub_server.fixtures"]
@@ -23,19 +25,18 @@ pytest_plugins = ["hub_server.fixtures"]
 def collection(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-collection")
     make_collection(root, tiny_llama(), n_adapters=3, r=4, clusters=2)
-    report = {"adapters": [{"name": "task-0", "rel_error": 0.1}, {"name": "task-1", "rel_error": 0.2},
-                           {"name": "task-2", "rel_error": 0.3}, {"name": "task-5", "status": "failed",
-                                                                  "message": "rank 0 LoRA"}]}
-    (root / "report.json").write_text(json.dumps(report))
+    write_report(root, {"task-0": 0.1, "task-1": 0.2, "task-2": 0.3})
     return root
 
 
-def run(argv: list[str], capsys) -> str:
+def run(argv: list[str], capsys, status: int = 0) -> str:
+    """Runs a subcommand; returns stdout, or stderr when a non-zero `status` is expected."""
     parser = argparse.ArgumentParser(prog="peft-jd")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
-    assert args.func(args) == 0
-    return capsys.readouterr().out
+    assert args.func(args) == status
+    captured = capsys.readouterr()
+    return captured.err if status else captured.out
 
 
 def test_push_ls_pull_one_repo_per_adapter(hub, collection, tmp_path, capsys):
@@ -49,9 +50,8 @@ def test_push_ls_pull_one_repo_per_adapter(hub, collection, tmp_path, capsys):
     lines = out.splitlines()
     assert "layout: repos" in lines[0] and "base model: tiny-llama" in out
     row = next(line for line in lines if line.startswith("task-1 "))
-    assert "org/task-1-jd" in row and " 1 " in row and "rel_error=0.2" in row
-    assert "task-5: not pushed, compression failed: rank 0 LoRA" in out
-    assert lines[-1] == "3 adapter(s), 1 failed in compression"
+    assert "org/task-1-jd" in row and " 1 " in row and "mean_err2=0.2" in row and "max_err2=0.2" in row
+    assert lines[-1] == "3 adapter(s), 0 failed in compression"
     listing = json.loads(run(["ls", "org/bases", "--json"], capsys))
     assert [a["name"] for a in listing["adapters"]] == ["task-0", "task-1", "task-2"]
 
@@ -72,10 +72,13 @@ def test_push_single_repo_and_pull_all(hub, collection, tmp_path, capsys):
 
 
 def test_push_argument_errors(hub, collection, tmp_path, capsys):
-    with pytest.raises(ValueError, match="choose one layout"):
-        run(["push", str(collection), "--repo", "org/a", "--bases-repo", "org/b"], capsys)
-    with pytest.raises(ValueError, match="must contain"):
-        run(["push", str(collection), "--bases-repo", "org/b", "--adapter-repo", "org/fixed"], capsys)
+    # Contradictory arguments: one line on stderr, exit status 2.
+    err = run(["push", str(collection), "--repo", "org/a", "--bases-repo", "org/b"], capsys, status=2)
+    assert err.startswith("error: choose one layout") and err.count("\n") == 1
+    err = run(["push", str(collection), "--bases-repo", "org/b", "--adapter-repo", "org/fixed"], capsys, status=2)
+    assert "must contain" in err and err.count("\n") == 1
+    assert "not both" in run(["pull", "org/a", "--all", "--adapters", "x"], capsys, status=2)
+    assert "--local-dir" in run(["pull", "org/a", "--overwrite"], capsys, status=2)
     with pytest.raises(CollectionError, match="not a compressed collection"):
         run(["push", str(tmp_path), "--repo", "org/a"], capsys)
     with pytest.raises(CollectionError, match="task-8"):
@@ -93,21 +96,25 @@ def test_push_refuses_adapter_of_other_bases(hub, tmp_path, capsys):
         run(["push", str(root), "--repo", "org/a"], capsys)
 
 
-def test_report_reader_accepts_likely_shapes(tmp_path, caplog):
-    by_name = parse_report({"adapters": {"a": {"cluster": 2, "rel_error": 0.5, "errors": {"max": 0.9}},
-                                         "b": {"status": "error", "error_message": "diverged"}},
-                            "time_s": 12.0, "name": "x"})
-    assert by_name.adapters["a"].cluster == 2
-    assert by_name.adapters["a"].figures == {"rel_error": 0.5, "errors.max": 0.9}
-    assert by_name.failures() == {"b": "diverged"} and by_name.figures == {"time_s": 12.0}
-    listed = parse_report({"adapters": [{"adapter": "a", "err": 0.25}, {"adapter": "b", "err": 0.75}, {"x": 1}]})
-    assert listed.mean_figures() == {"err": 0.5} and sorted(listed.adapters) == ["a", "b"]
-    assert parse_report({"adapters": {"a": {"error": "NaN in lora_B"}}}).failures() == {"a": "NaN in lora_B"}
+def test_report_reader_is_the_compression_report(tmp_path, caplog):
+    root = tmp_path / "col"
+    make_collection(root, tiny_llama(), n_adapters=2, r=4, clusters=2)
+    write_report(root, {"task-0": 0.25, "task-1": 0.75})
+    report = read_report(root / "report.json")
+    assert report.compression == CompressionReport.load(root)
+    assert report.adapters["task-1"].cluster == 1
+    assert report.adapters["task-1"].figures == pytest.approx({"mean_err2": 0.75, "mean_err": 0.75**0.5,
+                                                               "max_err2": 0.75})
+    assert report.mean_figures()["mean_err2"] == pytest.approx(0.5) and report.failures() == {}
+    assert parse_report(report.compression.data).adapters == report.adapters
+    # A remote report of another shape is ignored with a warning; a local one (pushed as is) is refused.
     with caplog.at_level(logging.WARNING):
+        assert parse_report({"adapters": {"a": {"rel_error": 0.5}}}).adapters == {}
         assert parse_report(["not", "an", "object"]).adapters == {}
-        (tmp_path / "report.json").write_text("{truncated")
-        assert read_report(tmp_path / "report.json").adapters == {}
-    assert "unreadable" in caplog.text
+    assert "not a peft-jd compression report" in caplog.text and "must hold a JSON object" in caplog.text
+    (tmp_path / "report.json").write_text("{truncated")
+    with pytest.raises(AdapterFormatError, match="not valid JSON"):
+        read_report(tmp_path / "report.json")
     assert read_report(tmp_path / "missing.json").adapters == {}
 
 

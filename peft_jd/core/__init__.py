@@ -36,7 +36,7 @@ from .format import (
     write_bases,
     write_sigma_adapter,
 )
-from .hub import hub_download
+from .hub import check_hub_path, hub_download
 from .io import (
     atomic_directory,
     atomic_write_bytes,
@@ -129,6 +129,7 @@ __all__ = [
     "atomic_write_text",
     "bases_dir",
     "check_finite",
+    "check_hub_path",
     "check_path_component",
     "check_replaceable",
     "cluster_for",

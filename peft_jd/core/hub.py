@@ -27,9 +27,38 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line (httpx's messages span several), as error messages are printed."""
+    return " ".join(str(exc).split())
+
+
 def describe(repo_id: str, subfolder: Optional[str] = None, revision: Optional[str] = None) -> str:
     """`repo/subfolder@revision`, as messages name a Hub location."""
     return repo_id + (f"/{subfolder.strip('/')}" if subfolder else "") + (f"@{revision}" if revision else "")
+
+
+def check_hub_path(value: Optional[str], what: str, error_cls: type[JDLoraError] = JDLoraError) -> Optional[str]:
+    """Returns a Hub subfolder, revision or file name if it cannot leave the repo's cache folder, else raises.
+
+    huggingface_hub joins these to cache paths (`snapshots/<revision>/<subfolder>/<file>`, `refs/<revision>`), and
+    they often come from files or the network (an index, an adapter config): `..` components, absolute paths,
+    backslashes and control characters are refused before anything is requested or written.
+    """
+    if value is None or value == "":
+        return value
+    parts = value.strip("/").split("/") if isinstance(value, str) else []
+    if (
+        not isinstance(value, str)
+        or value.startswith("/")
+        or "\\" in value
+        or any(ord(c) < 32 or c == "\x7f" for c in value)
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise error_cls(
+            f"{what} {value!r} is not a relative Hub path ('/'-separated, no empty, '.' or '..' parts, no backslashes "
+            "or control characters); the reference is corrupt or hostile, nothing was downloaded."
+        )
+    return value
 
 
 def hub_download(
@@ -64,6 +93,8 @@ def hub_download(
     )
 
     where = describe(repo_id, subfolder, revision)
+    for value, role in ((subfolder, "subfolder"), (revision, "revision"), *((f, "file name") for f in filenames)):
+        check_hub_path(value, f"{what} {role}", error_cls)
     try:
         paths = [
             hf_hub_download(repo_id, name, subfolder=subfolder or None, revision=revision, **hub_kwargs)
@@ -79,16 +110,19 @@ def hub_download(
             f"{what} repo {repo_id!r} not found (or private and not visible with your token). Check the reference, "
             "log in with `hf auth login` or set HF_TOKEN, or use a local copy."
         ) from exc
-    except EntryNotFoundError as exc:
-        raise error_cls(f"{where} has no {', '.join(filenames)}; it is not a JD-LoRA {what} folder.") from exc
     except _network_errors() as exc:
+        # Before EntryNotFoundError: huggingface_hub's LocalEntryNotFoundError (offline, not cached) subclasses it.
         raise error_cls(
             f"{what} {where} are not in the local cache and the Hub cannot be reached (offline mode or a network "
-            f"error: {exc}). Download them once online (`peft-jd pull …`), or unset HF_HUB_OFFLINE."
+            f"error: {_one_line(exc)}). Download them once online (`peft-jd pull …`), or unset HF_HUB_OFFLINE."
         ) from exc
+    except EntryNotFoundError as exc:
+        raise error_cls(f"{where} has no {', '.join(filenames)}; it is not a JD-LoRA {what} folder.") from exc
     except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", "?")
         raise error_cls(
-            f"downloading {what} {where} failed ({exc}). Nothing was loaded; retry when the Hub answers."
+            f"downloading {what} {where} failed (HTTP {status}: {_one_line(exc)}). Nothing was loaded; retry when the "
+            "Hub answers."
         ) from exc
     for name, path in zip(filenames, paths):
         expected = (expected_sha256 or {}).get(name)

@@ -27,15 +27,19 @@ def is_relative_reference(bases: str) -> bool:
 
 
 def resolve_relative_bases(
-    bases: str, bases_subfolder: Optional[str], adapter_location: str, adapter_subfolder: Optional[str] = None
+    bases: str,
+    bases_subfolder: Optional[str],
+    adapter_location: str,
+    adapter_subfolder: Optional[str] = None,
+    on_hub: Optional[bool] = None,
 ) -> tuple[str, Optional[str]]:
     """`(location, subfolder)` of bases referenced relatively by an adapter at `adapter_location[/adapter_subfolder]`.
 
-    A local adapter folder gives a local path; otherwise `adapter_location` is a Hub repo and the bases are a folder
-    of the same repo, which must not leave it.
+    A local adapter folder gives a local path; a Hub adapter (`adapter_location` a repo id) gives a folder of the
+    same repo, which must not leave it. `on_hub=None` tells them apart by whether the local folder exists.
     """
     local_adapter_dir = os.path.join(adapter_location, adapter_subfolder or "")
-    if os.path.isdir(local_adapter_dir):
+    if not on_hub and (on_hub is False or os.path.isdir(local_adapter_dir)):
         return os.path.normpath(os.path.join(local_adapter_dir, bases)), bases_subfolder
     folder = posixpath.normpath(posixpath.join(adapter_subfolder or "", bases, bases_subfolder or ""))
     if folder == ".." or folder.startswith("../") or folder.startswith("/"):
@@ -163,10 +167,12 @@ class AdapterSpec:
         spec.directory = directory
         if spec.bases and is_relative_reference(spec.bases):
             if hub_repo is None:
-                spec.bases, spec.bases_subfolder = resolve_relative_bases(spec.bases, spec.bases_subfolder, directory)
+                spec.bases, spec.bases_subfolder = resolve_relative_bases(
+                    spec.bases, spec.bases_subfolder, directory, on_hub=False
+                )
             else:
                 spec.bases, spec.bases_subfolder = resolve_relative_bases(
-                    spec.bases, spec.bases_subfolder, hub_repo, hub_subfolder
+                    spec.bases, spec.bases_subfolder, hub_repo, hub_subfolder, on_hub=True
                 )
                 spec.bases_revision = spec.bases_revision or hub_revision
         return spec

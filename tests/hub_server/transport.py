@@ -134,8 +134,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "truncate":
             out = out[: len(out) // 2]
             self.close_connection = True
-        self.wfile.write(out)
+        # Logged before the body goes out, so a client that has its response always finds its request in the log.
         hub.log(LoggedRequest(self.command, split.path, response.status, len(body), len(out)))
+        self.wfile.write(out)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _handle
 
