@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
+
+# `fidelity.py` writes its checkpoint and results through the same helper as every peft-jd file.
+from peft_jd.core import atomic_write_bytes, atomic_write_text
 
 
 BEGIN, END = "<!-- fidelity:begin -->", "<!-- fidelity:end -->"
@@ -185,11 +188,10 @@ def write_plot(report: dict, path: Path) -> Path | None:
     if rows or svd:
         right.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=120, format="png")
+    image = io.BytesIO()
+    fig.savefig(image, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, image.getvalue())
     return path
 
 
@@ -211,14 +213,3 @@ def update_results(results_md: Path, table: str, plot: Path | None, command: str
     if closing is not None and HEADLINE_BEGIN in text and HEADLINE_END in text:
         text = _replace_between(text, HEADLINE_BEGIN, HEADLINE_END, closing.rstrip() + "\n")
     atomic_write_text(results_md, text)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes `text` through a temporary file in the same folder and a rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the page is a normal, shareable file
-    os.replace(tmp, path)

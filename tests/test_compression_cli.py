@@ -6,10 +6,10 @@ import argparse
 import json
 
 import pytest
+from collection_fixtures import make_lora
 
 from peft_jd.compression.cli import register
 from peft_jd.compression.report import CompressionReport
-from tests.test_compression_engine import make_lora
 
 
 def run_cli(argv: list[str]) -> int:

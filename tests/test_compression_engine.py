@@ -4,62 +4,19 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
+from collection_fixtures import lora_delta, make_lora, sigma_delta
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from utils import TINY_NAME, target_linears, tiny_llama
 
 import peft_jd  # noqa: F401  (registers JDLORA)
 from peft_jd.compression import CompressionReport, compress, extend_collection
 from peft_jd.compression import engine as engine_module
-from peft_jd.core import AdapterFormatError, BaseModelMismatchError, ShapeMismatchError
-from tests.utils import TARGETS, TINY_NAME, target_linears, tiny_llama
-
-
-def make_lora(path: Path, r: int = 4, alpha: float = 8, seed: int = 0, base: str = TINY_NAME,
-              targets=TARGETS, **config) -> Path:
-    """A PEFT LoRA of the tiny model with random (trained-like, non-zero) lora_B, saved with `save_pretrained`."""
-    model = get_peft_model(tiny_llama(), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), **config))
-    gen = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for linear in module.lora_B.values():
-                linear.weight.data = 0.2 * torch.randn(linear.weight.shape, generator=gen)
-    model.save_pretrained(path)
-    config_path = path / "adapter_config.json"
-    data = json.loads(config_path.read_text())
-    data["base_model_name_or_path"] = base  # config-built models have no name; a Hub model would
-    config_path.write_text(json.dumps(data))
-    return path
-
-
-def lora_delta(path: Path, module_key: str) -> torch.Tensor:
-    """Dense ΔW of a saved LoRA module, from its files and PEFT's scaling rules (independent of peft_jd)."""
-    config = json.loads((path / "adapter_config.json").read_text())
-    tensors = load_file(path / "adapter_model.safetensors")
-    prefix = f"base_model.model.{module_key}"
-    lora_a, lora_b = tensors[f"{prefix}.lora_A.weight"].double(), tensors[f"{prefix}.lora_B.weight"].double()
-    rank = lora_a.shape[0]
-    alpha = next((v for k, v in config.get("alpha_pattern", {}).items() if module_key.endswith(k)),
-                 config["lora_alpha"])
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return scale * lora_b @ lora_a
-
-
-def jd_delta(collection: Path, name: str, module_key: str) -> torch.Tensor:
-    """Dense ΔŴ of a sigma adapter, read from its files."""
-    bases = load_file(collection / "bases" / "jd_bases.safetensors")
-    config = json.loads((collection / "adapters" / name / "adapter_config.json").read_text())
-    sigma = load_file(collection / "adapters" / name / "adapter_model.safetensors")[
-        f"base_model.model.{module_key}.jd_sigma"].double()
-    cluster = config["cluster"] if isinstance(config["cluster"], int) else config["cluster"][module_key]
-    sigma = sigma if sigma.dim() == 2 else torch.diag(sigma)
-    U, V = bases[f"{module_key}.U"][cluster].double(), bases[f"{module_key}.V"][cluster].double()
-    return config["scaling"] * U @ sigma @ V.T
+from peft_jd.core import AdapterFormatError, BaseModelMismatchError, DestinationError, ShapeMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +60,9 @@ def test_lossy_collection_forward_and_errors_match_dense_references(loras, tmp_p
         # Reference: the base model with W + ΔŴ merged densely, ΔŴ read back from the files.
         merged = copy.deepcopy(base)
         for module_key, linear in target_linears(merged).items():
-            linear.weight.data += jd_delta(out, name, module_key).float()
+            linear.weight.data += sigma_delta(out, name, module_key).float()
             delta = lora_delta(loras[name], module_key)
-            err2 = float((delta - jd_delta(out, name, module_key)).norm() ** 2 / delta.norm() ** 2)
+            err2 = float((delta - sigma_delta(out, name, module_key)).norm() ** 2 / delta.norm() ** 2)
             assert report.adapters[name]["err2"][module_key] == pytest.approx(err2, rel=1e-3, abs=1e-9)
         got = _logits(PeftModel.from_pretrained(copy.deepcopy(base), str(out / "adapters" / name)), TOKENS)
         torch.testing.assert_close(got, _logits(merged, TOKENS), atol=1e-4, rtol=1e-4)
@@ -161,7 +118,7 @@ def test_bad_inputs_name_the_adapter_file(loras, tmp_path):
         compress([loras["a"], dora], tmp_path / "o7", progress=False)
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a peft-jd collection"):
+    with pytest.raises(DestinationError, match="not written by peft-jd"):
         compress([loras["a"]], tmp_path / "precious", progress=False)
     assert not any(p.name.startswith("o") and p.is_dir() and (p / "report.json").exists() for p in tmp_path.iterdir())
 
@@ -215,11 +172,11 @@ def test_add_projects_new_loras_and_leaves_the_collection_untouched(loras, tmp_p
     assert CompressionReport.load(out).data["num_adapters"] == 6
     for module_key in target_linears(tiny_llama()):
         delta = lora_delta(loras["e"], module_key)
-        err2 = float((delta - jd_delta(out, "e", module_key)).norm() ** 2 / delta.norm() ** 2)
+        err2 = float((delta - sigma_delta(out, "e", module_key)).norm() ** 2 / delta.norm() ** 2)
         assert report.adapters["e"]["err2"][module_key] == pytest.approx(err2, rel=1e-3, abs=1e-9)
     model = PeftModel.from_pretrained(tiny_llama(), str(out / "adapters" / "e"))
     model.load_adapter(str(out / "adapters" / "a"), adapter_name="a")
-    with pytest.raises(FileExistsError, match="already exist"):
+    with pytest.raises(DestinationError, match="already exist"):
         extend_collection(out, [loras["e"]], progress=False)
 
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass, field
 
 import torch
 
+from ..core import UsageError
 from .clustering import captured_energy, cluster_compress
 from .jd_diag import _solve, jd_diag
 from .jd_full import jd_full
+from .result import CompressionResult
 from .stack import CanonicalStack
 from .threads import few_threads, gemm
 
@@ -32,7 +33,7 @@ def sigma_type_of(method: str) -> str:
 
 def check_method(method: str) -> None:
     if method not in METHODS:
-        raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}.")
+        raise UsageError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}.")
 
 
 def module_generator(seed: int, module_key: str) -> torch.Generator:
@@ -48,34 +49,7 @@ def normalization_weights(stack: CanonicalStack, normalize: bool) -> torch.Tenso
     return torch.where(norms > 0, 1 / norms.clamp_min(1e-300), 0.0)
 
 
-@dataclass
-class ModuleResult:
-    """Compressed module.
-
-    Args:
-        U: `(c, d_out, k)` fp32 bases per cluster.
-        V: `(c, d_in, k)` fp32.
-        sigma: `(n, k, k)` (full) or `(n, k)` (diag) fp32; the LoRA scaling is included.
-        cluster: `(n,)` long.
-        err2: `(n,)` fp64, `(‖ΔW_i − ΔŴ_i‖_F / ‖ΔW_i‖_F)²` (0 for an all-zero update).
-        iterations: JD iterations (all clusters and rounds).
-        rounds: Reassignment rounds (0 without clusters).
-        history: Weighted relative error per iteration (one cluster) or per round (clusters); never increases.
-        seconds: Wall time of the compression.
-    """
-
-    U: torch.Tensor
-    V: torch.Tensor
-    sigma: torch.Tensor
-    cluster: torch.Tensor
-    err2: torch.Tensor
-    iterations: int = 0
-    rounds: int = 0
-    history: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def truncated_svd(stack: CanonicalStack, k: int) -> ModuleResult:
+def truncated_svd(stack: CanonicalStack, k: int) -> CompressionResult:
     """Per-adapter truncated SVD (no sharing): adapter `i` is its own cluster `i`, Σ its top-k singular values."""
     keep = min(k, stack.r)
     U = torch.zeros(stack.n, stack.d_out, k)
@@ -87,7 +61,7 @@ def truncated_svd(stack: CanonicalStack, k: int) -> ModuleResult:
     norms2 = stack.norms2()
     tail = (stack.s[:, keep:] ** 2).sum(1)
     err2 = torch.where(norms2 > 0, tail / norms2.clamp_min(1e-300), 0.0)
-    return ModuleResult(U=U, V=V, sigma=sigma, cluster=torch.arange(stack.n), err2=err2)
+    return CompressionResult(U=U, V=V, sigma=sigma, cluster=torch.arange(stack.n), err2=err2)
 
 
 def relative_errors(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor, sigma: torch.Tensor,
@@ -141,7 +115,7 @@ def compress_stack(
     max_iter: int = 100,
     max_rounds: int = 3,
     generator: torch.Generator | None = None,
-) -> ModuleResult:
+) -> CompressionResult:
     """Compresses one module.
 
     Args:
@@ -176,7 +150,7 @@ def compress_stack(
         U, V, sigma, cluster, captured = solution.U, solution.V, solution.sigma, solution.cluster, solution.captured
         iterations, rounds, history = solution.iterations, solution.rounds, solution.history
     err2 = relative_errors(stack, U, V, sigma, cluster, captured)
-    return ModuleResult(U=U, V=V, sigma=sigma, cluster=cluster, err2=err2, iterations=iterations, rounds=rounds,
+    return CompressionResult(U=U, V=V, sigma=sigma, cluster=cluster, err2=err2, iterations=iterations, rounds=rounds,
                         history=history, seconds=time.perf_counter() - start)
 
 

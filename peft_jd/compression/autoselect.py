@@ -7,6 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..core import UsageError
 from .algorithms import compress_stack, module_generator
 from .lora_io import LoraAdapter
 from .stack import CanonicalStack, read_module_stack
@@ -68,7 +69,7 @@ def auto_select(
         error, and whether the target was met (if not, the most accurate configuration tried is returned).
     """
     if not 0 < target_error < 1:
-        raise ValueError(f"target_error is a squared relative error in (0, 1), got {target_error}.")
+        raise UsageError(f"target_error is a squared relative error in (0, 1), got {target_error}.")
     probes = probe_module_keys(module_keys, probe_modules)
     stacks = {key: read_module_stack(loras, key) for key in probes}
     max_rank = min(min(s.d_out, s.d_in) for s in stacks.values())

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+
+from ..core import BASES_WEIGHTS_NAME, bases_dir
+from .engine import compress as run_compress
+from .incremental import extend_collection
+from .report import CompressionReport
 
 
 def _hub_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,12 +26,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compress",
         help="compress many LoRA adapters into shared bases + per-adapter Σ",
         description="Compress PEFT LoRA adapters (folders, Hub ids, or text files listing them) into a JD-LoRA "
-        "collection: OUT/bases, OUT/adapters/<name>, OUT/report.json. Rerunning an interrupted command resumes.",
+        "collection: OUT/bases, OUT/adapters/<name>, OUT/report.json. OUT is replaced as a whole, atomically, only "
+        "if it is a peft-jd collection (or with --overwrite); other writers of OUT wait. Rerunning an interrupted "
+        "command resumes.",
     )
     compress.add_argument("--adapters", nargs="+", required=True, metavar="ADAPTER",
                           help="LoRA folder, Hub repo id (owner/name[/subfolder][@revision]), NAME=SOURCE, or a "
                           "text file with one per line")
     compress.add_argument("--out", required=True, help="output collection folder")
+    compress.add_argument("--overwrite", action="store_true",
+                          help="replace OUT even if it is not a peft-jd collection, or if it holds adapters added "
+                          "with `peft-jd add` that are not among --adapters (they are dropped)")
     compress.add_argument("--method", choices=("jd-full", "jd-diag", "svd"), default="jd-full",
                           help="jd-full: full k×k Σ (default); jd-diag: diagonal Σ; svd: per-adapter baseline")
     compress.add_argument("--rank", type=int, default=None, help="rank k of the bases (default 16)")
@@ -51,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "add",
         help="project new LoRAs onto an existing collection's bases",
         description="Write sigma adapters for new LoRAs on the existing bases (best cluster per module); existing "
-        "adapters and bases stay untouched.",
+        "adapters and bases stay untouched. The adapters and report.json change together, atomically.",
     )
     add.add_argument("collection", help="collection folder written by `peft-jd compress`")
     add.add_argument("adapters", nargs="+", metavar="ADAPTER", help="new LoRAs (same forms as for compress)")
@@ -73,14 +82,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_compress(args: argparse.Namespace) -> int:
-    from .engine import compress
-
-    report = compress(
+    report = run_compress(
         args.adapters, args.out, method=args.method, rank=args.rank, clusters=args.clusters,
         target_error=args.target_error, normalize=args.normalize, seed=args.seed, tol=args.tol,
         max_iter=args.max_iter, max_rounds=args.max_rounds, bases_dtype=args.bases_dtype, revision=args.revision,
         token=args.token, cache_dir=args.cache_dir, local_files_only=args.local_files_only, resume=args.resume,
-        progress=not args.quiet, probe_modules=args.probe_modules,
+        progress=not args.quiet, probe_modules=args.probe_modules, overwrite=args.overwrite,
     )
     print(report.summary())
     print(f"wrote {args.out}")
@@ -88,8 +95,6 @@ def _run_compress(args: argparse.Namespace) -> int:
 
 
 def _run_add(args: argparse.Namespace) -> int:
-    from .incremental import extend_collection
-
     report = extend_collection(
         args.collection, args.adapters, warn_error=args.warn_error, overwrite=args.overwrite,
         revision=args.revision, token=args.token, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
@@ -111,10 +116,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .report import CompressionReport
-
     report = CompressionReport.load(args.collection)
-    bases_file = Path(args.collection) / "bases" / "jd_bases.safetensors"
+    bases_file = bases_dir(args.collection) / BASES_WEIGHTS_NAME
     bases_bytes = bases_file.stat().st_size if bases_file.is_file() else 0
     if args.json:
         data = {key: report.data[key] for key in ("settings", "summary", "sizes", "timings", "num_adapters",

@@ -11,43 +11,18 @@ then places everyone. Reassignment for orthonormal bases is pruned by a one-side
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from .jd_diag import _solve
 from .jd_full import orthonormal_complement, pad_basis
+from .result import CompressionResult
 from .stack import CanonicalStack
 from .threads import few_threads, gemm, parallel_map
 
 
 # Memory cap for the (n·r, clusters·k) projection blocks of the reassignment step.
 _SCORE_BLOCK_ELEMENTS = 1 << 25
-
-
-@dataclass
-class ClusteredResult:
-    """Bases per cluster and per-adapter Σ of a clustered solve.
-
-    Args:
-        U: `(c, d_out, k)` fp32.
-        V: `(c, d_in, k)` fp32.
-        sigma: `(n, k, k)` or `(n, k)` fp32.
-        cluster: `(n,)` long, cluster of each adapter.
-        captured: `(n,)` fp64, energy of each update kept by its cluster's bases.
-        history: Weighted relative error after each (JD, reassignment) round.
-        iterations: Total JD iterations over all clusters and rounds.
-        rounds: Number of rounds.
-    """
-
-    U: torch.Tensor
-    V: torch.Tensor
-    sigma: torch.Tensor
-    cluster: torch.Tensor
-    captured: torch.Tensor
-    history: list[float] = field(default_factory=list)
-    iterations: int = 0
-    rounds: int = 0
 
 
 def _own_bases(stack: CanonicalStack, index: int, k: int,
@@ -273,7 +248,7 @@ def cluster_compress(
     round_iter: int = 3,
     seed_sample: int = 512,
     generator: torch.Generator | None = None,
-) -> ClusteredResult:
+) -> CompressionResult:
     """Clustered JD of one module.
 
     Args:
@@ -306,7 +281,7 @@ def cluster_compress(
     bases = [_own_bases(stack, seed, k, generator) for seed in seeds]
     weights2, norms2 = weights.double() ** 2, stack.norms2()
     total = float((weights2 * norms2).sum())
-    result = ClusteredResult(U=torch.empty(0), V=torch.empty(0), sigma=torch.empty(0), cluster=cluster,
+    result = CompressionResult(U=torch.empty(0), V=torch.empty(0), sigma=torch.empty(0), cluster=cluster,
                              captured=torch.empty(0))
 
     def solve_all(iterations: int, warm: bool = True) -> list:
@@ -362,8 +337,8 @@ def _cluster_captured(solved: list, cluster: torch.Tensor, n: int) -> torch.Tens
     return captured
 
 
-def _assemble(result: ClusteredResult, solved: list, cluster: torch.Tensor, stack: CanonicalStack,
-              diagonal: bool) -> ClusteredResult:
+def _assemble(result: CompressionResult, solved: list, cluster: torch.Tensor, stack: CanonicalStack,
+              diagonal: bool) -> CompressionResult:
     """Drops clusters left empty and gathers the per-adapter Σ in the original adapter order."""
     kept = [c for c, solution in enumerate(solved) if solution is not None]
     renumber = torch.full((len(solved),), -1, dtype=torch.long)

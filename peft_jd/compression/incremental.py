@@ -1,8 +1,12 @@
-"""`extend_collection(...)`: project new LoRAs onto an existing collection's bases without touching what is there."""
+"""`extend_collection(...)`: project new LoRAs onto an existing collection's bases, as one atomic change.
+
+The whole run holds the collection's writers' lock; the new collection (hard links of the current files, the new
+sigma adapters, the new `report.json`) is built in a temporary sibling and swapped in at once, so the report and the
+adapters change together or not at all, also when the process is killed.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,32 +22,36 @@ from ..core import (
     ADAPTER_CONFIG_NAME,
     BASES_CONFIG_NAME,
     BASES_WEIGHTS_NAME,
+    KIND_COLLECTION,
+    AdapterFormatError,
     BasesConfig,
     BasesMismatchError,
+    DestinationError,
+    adapters_dir,
+    atomic_directory,
+    bases_dir,
     file_sha256,
-    write_sigma_adapter,
+    is_collection_root,
+    read_json_object,
+    recover_interrupted_swap,
+    report_path,
+    writer_lock,
 )
-from ..tuner.config import JDLoraConfig
 from .algorithms import project_stack
-from .engine import (
-    ADAPTERS_DIR,
-    BASES_DIR,
-    adapter_card,
-    jd_target_modules,
-    natural_key,
-    sizes_entry,
-)
-from .lora_io import CollectionSpec, HubOptions, check_collection, load_loras
-from .report import CompressionReport, adapter_entry, summarize
+from .cards import collection_adapter_card
+from .engine import jd_target_modules, natural_key
+from .lora_io import CollectionSpec, HubOptions, LoraAdapter, check_collection, load_loras
+from .report import CompressionReport, adapter_entry
 from .stack import read_module_stack
+from .writer import link_tree, stray_adapters, write_collection_adapter
 
 
 logger = logging.getLogger(__name__)
 
 
 def _existing_target_modules(collection: Path) -> list[str] | None:
-    for config_path in sorted((collection / ADAPTERS_DIR).glob(f"*/{ADAPTER_CONFIG_NAME}")):
-        target_modules = json.loads(config_path.read_text(encoding="utf-8")).get("target_modules")
+    for config_path in sorted(adapters_dir(collection).glob(f"*/{ADAPTER_CONFIG_NAME}")):
+        target_modules = read_json_object(config_path, "sigma adapter config").get("target_modules")
         if target_modules:
             return sorted(target_modules, key=natural_key) if isinstance(target_modules, list) else target_modules
     return None
@@ -64,7 +72,8 @@ def extend_collection(
 
     Each new adapter gets, per module, the cluster whose bases keep most of its update and the optimal Σ there
     (`Uᵀ ΔW V` for JD-Full; least squares for JD-Diag). Existing adapters and the bases are left untouched;
-    `report.json` gains the new entries.
+    `report.json` gains the new entries. The change is atomic (all new adapters and the report, or nothing) and
+    holds the collection's writers' lock, so concurrent `add`/`compress` runs wait for each other.
 
     Args:
         collection: Folder written by `compress`.
@@ -82,39 +91,68 @@ def extend_collection(
         The updated [`CompressionReport`] of the whole collection.
     """
     start = time.perf_counter()
-    collection = Path(collection)
-    bases_dir = collection / BASES_DIR
-    if not (bases_dir / BASES_CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{collection} has no {BASES_DIR}/{BASES_CONFIG_NAME}; not a peft-jd collection.")
-    bases_config = BasesConfig.from_file(bases_dir / BASES_CONFIG_NAME)
-    if bases_config.method == "svd":
-        raise ValueError(
-            f"{collection} was compressed with method 'svd' (one basis per adapter); there are no shared bases to "
-            "project onto. Re-run `peft-jd compress` with the new adapters included."
-        )
-    weights_path = bases_dir / BASES_WEIGHTS_NAME
-    if bases_config.fingerprint and file_sha256(weights_path) != bases_config.fingerprint:
-        raise BasesMismatchError(f"{weights_path} does not match the fingerprint in its config; it was modified.")
-    report = CompressionReport.load(collection)
+    collection = Path(os.path.abspath(collection))
     loras = load_loras(adapters, HubOptions(revision, token, cache_dir, local_files_only))
-    reference = CollectionSpec(
-        base_model_name_or_path=bases_config.base_model_name_or_path,
-        module_shapes={k: (m.in_features, m.out_features) for k, m in bases_config.modules.items()},
-        target_modules=bases_config.target_modules,
-        task_type=report.data.get("task_type"),
-    )
-    spec = check_collection(loras, reference)
-    taken = sorted({a.name for a in loras} & (set(report.adapters) | {p.name for p in (collection / ADAPTERS_DIR)
-                                                                     .iterdir()}))
-    if taken and not overwrite:
-        raise FileExistsError(f"adapters {taken} already exist in {collection}; rename them (NAME=SOURCE) or pass "
-                              "overwrite=True / --overwrite.")
-    module_keys = sorted(spec.module_shapes, key=natural_key)
-    diagonal = bases_config.sigma_type == "diag"
-    sigmas = {a.name: {} for a in loras}
-    clusters = {a.name: {} for a in loras}
-    errors2 = {a.name: {} for a in loras}
-    with safe_open(weights_path, framework="pt") as handle:
+    with writer_lock(collection):
+        # Under the lock, so a concurrent writer's temporary folder is not taken for a crash leftover.
+        recover_interrupted_swap(collection)
+        bases_config, report = _read_collection(collection)
+        reference = CollectionSpec(
+            base_model_name_or_path=bases_config.base_model_name_or_path,
+            module_shapes={k: (m.in_features, m.out_features) for k, m in bases_config.modules.items()},
+            target_modules=bases_config.target_modules,
+            task_type=report.data.get("task_type"),
+        )
+        spec = check_collection(loras, reference)
+        taken = sorted({a.name for a in loras} & set(report.adapters))
+        if taken and not overwrite:
+            raise DestinationError(f"adapters {taken} already exist in {collection}; rename them (NAME=SOURCE) or "
+                                   "pass overwrite=True / --overwrite.")
+        stray = sorted(set(stray_adapters(collection, report)) - {a.name for a in loras})
+        if stray:
+            logger.warning("%s/%s holds adapter folders its report does not list (%s), left by an interrupted write; "
+                           "they are kept as they are.", collection, adapters_dir(collection).name, ", ".join(stray))
+        module_keys = sorted(spec.module_shapes, key=natural_key)
+        diagonal = bases_config.sigma_type == "diag"
+        sigmas, clusters, errors2 = _project(collection, loras, module_keys, diagonal, progress)
+        target_modules = _existing_target_modules(collection) or jd_target_modules(loras, spec)
+        sigma_size = bases_config.r**2 if not diagonal else bases_config.r
+        for adapter in loras:
+            entry = adapter_entry(adapter.source, errors2[adapter.name], clusters[adapter.name],
+                                  adapter.lora_params(), sigma_size * len(module_keys), added=True,
+                                  saved_params=adapter.saved_params())
+            report.adapters[adapter.name] = entry
+            if entry["mean_err2"] > warn_error:
+                message = (
+                    f"adapter {adapter.name!r}: mean err² {entry['mean_err2']:.3f} on the existing bases exceeds "
+                    f"{warn_error} (collection mean {report.mean_err2:.3f}); the bases do not represent it well. "
+                    "Re-compressing the collection with this adapter included is advised."
+                )
+                warnings.warn(message, UserWarning, stacklevel=2)
+                report.warnings.append(message)
+        bases_params = sum(m.num_clusters * bases_config.r * (m.in_features + m.out_features)
+                           for m in bases_config.modules.values())
+        report.refresh(bases_params, sigma_size)
+        report.timings.setdefault("add_s", []).append(time.perf_counter() - start)
+        # The collection is checked above, so it is replaced even without a marker (written before markers existed).
+        with atomic_directory(collection, overwrite=True, kind=KIND_COLLECTION) as tmp:
+            link_tree(collection, tmp)
+            for adapter in loras:
+                write_collection_adapter(tmp, adapter, sigmas.pop(adapter.name), clusters[adapter.name], bases_config,
+                                         target_modules, spec.task_type,
+                                         collection_adapter_card(adapter.name, report))
+            report.save(report_path(tmp))
+    report.path = report_path(collection)
+    return report
+
+
+def _project(collection: Path, loras: list[LoraAdapter], module_keys: list[str], diagonal: bool, progress: bool
+             ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, int]], dict[str, dict[str, float]]]:
+    """Per new adapter and module: its Σ, cluster and err² on the collection's bases."""
+    sigmas: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in loras}
+    clusters: dict[str, dict[str, int]] = {a.name: {} for a in loras}
+    errors2: dict[str, dict[str, float]] = {a.name: {} for a in loras}
+    with safe_open(bases_dir(collection) / BASES_WEIGHTS_NAME, framework="pt") as handle:
         for module_key in tqdm(module_keys, desc="project", unit="module", disable=not progress):
             U = handle.get_tensor(f"{module_key}.U").float()
             V = handle.get_tensor(f"{module_key}.V").float()
@@ -123,49 +161,31 @@ def extend_collection(
                 sigmas[adapter.name][module_key] = sigma[i].clone()
                 clusters[adapter.name][module_key] = int(cluster[i])
                 errors2[adapter.name][module_key] = float(err2[i])
-    target_modules = _existing_target_modules(collection) or jd_target_modules(loras, spec)
-    sigma_size = bases_config.r**2 if not diagonal else bases_config.r
-    for adapter in loras:
-        per_module = clusters[adapter.name]
-        ids = set(per_module.values())
-        config = JDLoraConfig(
-            r=bases_config.r, sigma_type=bases_config.sigma_type, target_modules=target_modules,
-            bases=f"../../{BASES_DIR}", bases_fingerprint=bases_config.fingerprint,
-            cluster=next(iter(ids)) if len(ids) == 1 else dict(per_module),
-            base_model_name_or_path=bases_config.base_model_name_or_path, task_type=spec.task_type,
-            inference_mode=True,
+    return sigmas, clusters, errors2
+
+
+def _read_collection(collection: Path) -> tuple[BasesConfig, CompressionReport]:
+    """The bases config (checked against its weights) and the report of a collection `add` may extend."""
+    if not is_collection_root(collection):
+        raise DestinationError(
+            f"{collection} is not a peft-jd collection (no {bases_dir(collection).name}/{BASES_CONFIG_NAME} and "
+            f"{adapters_dir(collection).name}/); point `add` to the output folder of `peft-jd compress`."
         )
-        entry = adapter_entry(adapter.source, errors2[adapter.name], per_module, adapter.lora_params(),
-                              sigma_size * len(module_keys), added=True)
-        write_sigma_adapter(collection / ADAPTERS_DIR / adapter.name, sigmas.pop(adapter.name), config,
-                                adapter_card(adapter.source, bases_config.method, bases_config.r, entry))
-        report.adapters[adapter.name] = entry
-        if entry["mean_err2"] > warn_error:
-            message = (
-                f"adapter {adapter.name!r}: mean err² {entry['mean_err2']:.3f} on the existing bases exceeds "
-                f"{warn_error} (collection mean {report.mean_err2:.3f}); the bases do not represent it well. "
-                "Re-compressing the collection with this adapter included is advised."
-            )
-            warnings.warn(message, UserWarning, stacklevel=2)
-            report.warnings.append(message)
-    _refresh(report, bases_config, sigma_size, len(module_keys), time.perf_counter() - start)
-    report.save()
-    return report
-
-
-def _refresh(report: CompressionReport, bases_config: BasesConfig, sigma_size: int, num_modules: int,
-             seconds: float) -> None:
-    entries = report.adapters
-    bases_params = sum(m.num_clusters * bases_config.r * (m.in_features + m.out_features)
-                       for m in bases_config.modules.values())
-    report.data["num_adapters"] = len(entries)
-    report.data["summary"] = summarize(entries)
-    report.data["sizes"] = sizes_entry(sum(e["lora_params"] for e in entries.values()), bases_params,
-                                       sigma_size * num_modules * len(entries), sigma_size)
-    report.data.setdefault("timings", {}).setdefault("add_s", []).append(seconds)
+    bases_config = BasesConfig.from_file(bases_dir(collection) / BASES_CONFIG_NAME)
+    if bases_config.method == "svd":
+        raise DestinationError(
+            f"{collection} was compressed with method 'svd' (one basis per adapter); there are no shared bases to "
+            "project onto. Re-run `peft-jd compress` with the new adapters included."
+        )
+    weights_path = bases_dir(collection) / BASES_WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise AdapterFormatError(f"{weights_path} is missing; the collection is incomplete. Re-run compress.")
+    if bases_config.fingerprint and file_sha256(weights_path) != bases_config.fingerprint:
+        raise BasesMismatchError(f"{weights_path} does not match the fingerprint in its config; it was modified.")
+    return bases_config, CompressionReport.load(collection)
 
 
 def bases_tensor(collection: str | os.PathLike, module_key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`(U, V)` of one module of a collection's bases (for inspection and tests)."""
-    with safe_open(Path(collection) / BASES_DIR / BASES_WEIGHTS_NAME, framework="pt") as handle:
+    with safe_open(bases_dir(collection) / BASES_WEIGHTS_NAME, framework="pt") as handle:
         return handle.get_tensor(f"{module_key}.U"), handle.get_tensor(f"{module_key}.V")

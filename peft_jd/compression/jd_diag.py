@@ -12,39 +12,15 @@ JD-Full solution (cheap: `2k × 2k × n`), lifted back to full size, and then re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from .jd_full import converged, jd_full
+from .result import CompressionResult
 from .stack import CanonicalStack, canonicalize
 from .threads import few_threads, gemm
 
 
 _RIDGE = 1e-12
-
-
-@dataclass
-class JDDiagResult:
-    """Output of [`jd_diag`].
-
-    Args:
-        U: `(d_out, k)` fp32, unit-norm columns.
-        V: `(d_in, k)` fp32, unit-norm columns.
-        sigma: `(n, k)` fp32, the diagonal of `Σ_i` for the *unweighted* updates.
-        captured: `(n,)` fp64, `‖ΔW_i‖² − ‖ΔW_i − U diag(σ_i) Vᵀ‖²`.
-        history: Weighted relative error after the (lifted) initialisation and after each full-size iteration.
-        iterations: Number of full-size ALS iterations.
-        converged: Whether the error decrease fell below `tol` before `max_iter`.
-    """
-
-    U: torch.Tensor
-    V: torch.Tensor
-    sigma: torch.Tensor
-    captured: torch.Tensor
-    history: list[float] = field(default_factory=list)
-    iterations: int = 0
-    converged: bool = False
 
 
 def _solve(G: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -143,7 +119,7 @@ def jd_diag(
     tol: float = 1e-3,
     max_iter: int = 100,
     generator: torch.Generator | None = None,
-) -> JDDiagResult:
+) -> CompressionResult:
     """Joint diagonalisation with diagonal `Σ_i` of one module's stack.
 
     Args:
@@ -163,7 +139,7 @@ def jd_diag(
     U, V = init if init is not None else _tucker_start(stack, k, weights, tol, generator)
     state = _ALS(stack, weighted_s, U, V)
     state._balance()
-    result = JDDiagResult(U=U, V=V, sigma=torch.empty(0), captured=torch.empty(0))
+    result = CompressionResult(U=U, V=V, sigma=torch.empty(0), captured=torch.empty(0))
     result.history.append(_relative_error(state.captured(), total))
     for iteration in range(1, max_iter + 1):
         state.step()

@@ -8,35 +8,11 @@ canonical stack (`L_iᵀ U`, `R_iᵀ V`, `Σ_i L_i X_i`): skinny GEMMs, never a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from .result import CompressionResult
 from .stack import CanonicalStack
 from .threads import few_threads, gemm
-
-
-@dataclass
-class JDFullResult:
-    """Output of [`jd_full`].
-
-    Args:
-        U: `(d_out, k)` orthonormal, fp32.
-        V: `(d_in, k)` orthonormal, fp32.
-        sigma: `(n, k, k)` fp32, `Σ_i = Uᵀ ΔW_i V` of the *unweighted* updates.
-        captured: `(n,)` fp64, `‖Σ_i‖²_F` (the energy of `ΔW_i` the bases keep).
-        history: Weighted relative error `1 − f/Σ_i w_i²‖ΔW_i‖²` after initialisation and after each iteration.
-        iterations: Number of alternations run.
-        converged: Whether the error decrease fell below `tol` before `max_iter`.
-    """
-
-    U: torch.Tensor
-    V: torch.Tensor
-    sigma: torch.Tensor
-    captured: torch.Tensor
-    history: list[float] = field(default_factory=list)
-    iterations: int = 0
-    converged: bool = False
 
 
 def orthonormal_complement(M: torch.Tensor, X: torch.Tensor | None, rel_tol: float = 1e-9) -> torch.Tensor:
@@ -158,7 +134,7 @@ def jd_full(
     max_iter: int = 100,
     generator: torch.Generator | None = None,
     momentum: bool = True,
-) -> JDFullResult:
+) -> CompressionResult:
     """Joint diagonalisation with full `Σ_i` of one module's stack.
 
     Args:
@@ -185,7 +161,7 @@ def jd_full(
     Q = gemm(flat_l, U.float()).reshape(stack.n, stack.r, k)
     P = gemm(flat_r, V.float()).reshape(stack.n, stack.r, k)
     captured = float((full_sigmas(stack, Q, P * weights.view(-1, 1, 1).float()) ** 2).sum())
-    result = JDFullResult(U=U, V=V, sigma=torch.empty(0), captured=torch.empty(0))
+    result = CompressionResult(U=U, V=V, sigma=torch.empty(0), captured=torch.empty(0))
     result.history.append(_relative_error(captured, total))
     U_old = V_old = None
     for iteration in range(1, max_iter + 1):

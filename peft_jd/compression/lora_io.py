@@ -7,7 +7,6 @@ specs, one per line (`#` starts a comment).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 
 from ..core import (
@@ -26,15 +26,15 @@ from ..core import (
     AdapterFormatError,
     BaseModelMismatchError,
     ShapeMismatchError,
+    UsageError,
+    check_path_component,
     looks_like_local_path,
+    read_json_object,
     warn_once,
 )
+from .lora_checks import LORA_A_SUFFIX, LORA_B_SUFFIX, ModuleShape, check_config, scan_modules
 
 
-_LORA_A_SUFFIX = ".lora_A.weight"
-_LORA_B_SUFFIX = ".lora_B.weight"
-# LoRA variants whose saved factors are not a plain additive update of the original base weight.
-_UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -55,15 +55,6 @@ class HubOptions:
     local_files_only: bool = False
 
 
-@dataclass(frozen=True)
-class ModuleShape:
-    """Shape of one LoRA module: `lora_A` is `(rank, in_features)`, `lora_B` is `(out_features, rank)`."""
-
-    rank: int
-    in_features: int
-    out_features: int
-
-
 @dataclass
 class LoraAdapter:
     """One PEFT LoRA adapter, resolved to local files, with its header scanned (no tensor data read yet).
@@ -75,6 +66,8 @@ class LoraAdapter:
         config: Content of `adapter_config.json`.
         modules: Per module key, the LoRA shapes.
         revision: Hub revision the files were fetched at (`None` for local adapters).
+        saved: Shapes of the tensors of its `modules_to_save` (classification heads, embeddings), by file key;
+            they are carried over uncompressed into the sigma adapter.
     """
 
     name: str
@@ -83,6 +76,7 @@ class LoraAdapter:
     config: dict[str, Any]
     modules: dict[str, ModuleShape] = field(default_factory=dict)
     revision: str | None = None
+    saved: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def base_model(self) -> str | None:
@@ -94,8 +88,6 @@ class LoraAdapter:
 
     def scaling(self, module_key: str) -> float:
         """PEFT's scaling of `module_key`: `lora_alpha / r`, or `lora_alpha / sqrt(r)` for rsLoRA, with patterns."""
-        from peft.utils.other import get_pattern_key
-
         rank_pattern = self.config.get("rank_pattern") or {}
         alpha_pattern = self.config.get("alpha_pattern") or {}
         rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module_key), self.config["r"])
@@ -107,9 +99,24 @@ class LoraAdapter:
             )
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
+    @property
+    def modules_to_save(self) -> list[str] | None:
+        return sorted(self.config["modules_to_save"]) if self.config.get("modules_to_save") else None
+
     def lora_params(self) -> int:
         """Number of LoRA parameters (all modules)."""
         return sum(m.rank * (m.in_features + m.out_features) for m in self.modules.values())
+
+    def saved_params(self) -> int:
+        """Number of `modules_to_save` parameters (stored uncompressed)."""
+        return sum(math.prod(shape) for shape in self.saved.values())
+
+    def read_saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The `modules_to_save` tensors, by their PEFT file key, as stored."""
+        if not self.saved:
+            return {}
+        with safe_open(self.weights_path, framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in self.saved}
 
     def read_module(self, module_key: str, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Reads `(lora_A, lora_B)` of one module in their stored dtype; scaling is *not* applied.
@@ -121,8 +128,8 @@ class LoraAdapter:
         prefix = f"{PEFT_KEY_PREFIX}{module_key}"
         try:
             with safe_open(self.weights_path, framework="pt") as handle:
-                lora_a = handle.get_tensor(prefix + _LORA_A_SUFFIX)
-                lora_b = handle.get_tensor(prefix + _LORA_B_SUFFIX)
+                lora_a = handle.get_tensor(prefix + LORA_A_SUFFIX)
+                lora_b = handle.get_tensor(prefix + LORA_B_SUFFIX)
         except FileNotFoundError:
             raise AdapterFormatError(
                 f"adapter {self.name!r}: {self.weights_path} disappeared while compressing; restore it and rerun "
@@ -149,14 +156,22 @@ def expand_specs(specs: Iterable[str | os.PathLike]) -> list[str]:
         spec = os.fspath(spec)
         path = Path(spec.split("=", 1)[1] if _has_name_prefix(spec) else spec)
         if path.is_file() and path.name not in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    expanded.append(line)
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise AdapterFormatError(
+                    f"{path} is not a text file listing adapters (not UTF-8: {exc}); give LoRA folders, Hub repo "
+                    "ids, or a text file with one per line."
+                ) from None
+            listed = [line.split("#", 1)[0].strip() for line in lines]
+            listed = [line for line in listed if line]
+            if not listed:
+                raise AdapterFormatError(f"{path} lists no adapters; write one LoRA folder or Hub repo id per line.")
+            expanded += listed
         else:
             expanded.append(spec)
     if not expanded:
-        raise ValueError("no adapters given: pass LoRA directories, Hub repo ids, or a text file listing them.")
+        raise UsageError("no adapters given: pass LoRA directories, Hub repo ids, or a text file listing them.")
     return expanded
 
 
@@ -235,72 +250,6 @@ def _local_files(directory: Path, source: str) -> tuple[Path, Path]:
     return config_path, weights_path
 
 
-# ------------------------------------------------------------------------------------------------ validation
-def _check_config(config: dict[str, Any], config_path: Path) -> None:
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise AdapterFormatError(
-            f"{config_path}: peft_type is {peft_type or 'missing'!r}; only LoRA adapters can be compressed."
-        )
-    problems = []
-    if config.get("use_dora"):
-        problems.append("DoRA (use_dora=True) has a magnitude vector that is not a low-rank update")
-    if config.get("lora_bias"):
-        problems.append("lora_bias=True adds a bias that is not a low-rank update")
-    if config.get("fan_in_fan_out"):
-        problems.append("fan_in_fan_out=True (Conv1D layers) is not supported by JD-LoRA (nn.Linear only)")
-    if config.get("modules_to_save"):
-        problems.append(f"modules_to_save={config['modules_to_save']} holds full weights that JD-LoRA cannot carry")
-    if config.get("target_parameters"):
-        problems.append("target_parameters (LoRA on raw parameters) is not supported")
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
-        problems.append(f"init_lora_weights={init!r} changes the base weights; convert the adapter to a plain LoRA")
-    if problems:
-        raise AdapterFormatError(f"{config_path}: cannot compress this adapter: " + "; ".join(problems) + ".")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise AdapterFormatError(f"{config_path}: {key} is {config.get(key)!r}; expected a positive number.")
-
-
-def _scan_modules(weights_path: Path) -> dict[str, ModuleShape]:
-    try:
-        with safe_open(weights_path, framework="pt") as handle:
-            header = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as exc:  # safetensors raises its own SafetensorError for truncated or foreign files
-        raise AdapterFormatError(f"{weights_path}: not a readable safetensors file ({exc}).") from exc
-    shapes: dict[str, dict[str, list[int]]] = {}
-    for key, shape in header.items():
-        for suffix, which in ((_LORA_A_SUFFIX, "A"), (_LORA_B_SUFFIX, "B")):
-            if key.startswith(PEFT_KEY_PREFIX) and key.endswith(suffix):
-                shapes.setdefault(key[len(PEFT_KEY_PREFIX) : -len(suffix)], {})[which] = shape
-                break
-        else:
-            raise AdapterFormatError(
-                f"{weights_path}: unexpected tensor {key!r}; only plain LoRA factors (lora_A/lora_B weights of "
-                "linear layers) can be compressed (no DoRA, embeddings, biases or modules_to_save)."
-            )
-    modules = {}
-    for module_key, pair in sorted(shapes.items()):
-        if set(pair) != {"A", "B"}:
-            missing = "lora_B" if "B" not in pair else "lora_A"
-            raise AdapterFormatError(f"{weights_path}: module {module_key} has no {missing} tensor.")
-        (rank, in_features), (out_features, rank_b) = pair["A"], pair["B"]
-        if rank != rank_b:
-            raise AdapterFormatError(
-                f"{weights_path}: module {module_key} has lora_A rank {rank} but lora_B rank {rank_b}."
-            )
-        if rank > min(in_features, out_features):
-            raise ShapeMismatchError(
-                f"{weights_path}: module {module_key} has rank {rank} > min(in_features={in_features}, "
-                f"out_features={out_features}); such a LoRA is not low-rank. Retrain it with a smaller r."
-            )
-        modules[module_key] = ModuleShape(rank=rank, in_features=in_features, out_features=out_features)
-    if not modules:
-        raise AdapterFormatError(f"{weights_path}: holds no LoRA tensors.")
-    return modules
-
-
 def load_lora(spec: str, hub: HubOptions | None = None) -> LoraAdapter:
     """Resolves one `[NAME=]SOURCE[@REVISION]` spec to local files and scans its header.
 
@@ -318,17 +267,12 @@ def load_lora(spec: str, hub: HubOptions | None = None) -> LoraAdapter:
         revision = revision or hub.revision
         config_path, weights_path = _hub_files(source, revision, hub)
     name = name or _default_name(source)
-    if not _NAME_PATTERN.match(name):
-        raise ValueError(
-            f"adapter {source!r}: {name!r} cannot be used as an adapter (folder) name; give one with NAME={source}."
-        )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AdapterFormatError(f"{config_path}: not valid JSON ({exc}).") from exc
-    _check_config(config, config_path)
+    check_path_component(name, f"adapter name (from {source!r}; choose one with NAME={source})")
+    config = read_json_object(config_path, "LoRA adapter config")
+    check_config(config, config_path)
+    modules, saved = scan_modules(weights_path, config.get("modules_to_save"))
     adapter = LoraAdapter(name=name, source=spec, weights_path=weights_path, config=config, revision=revision,
-                          modules=_scan_modules(weights_path))
+                          modules=modules, saved=saved)
     for module_key in adapter.modules:
         adapter.scaling(module_key)  # validates ranks against the config
     return adapter
@@ -377,11 +321,11 @@ def check_collection(adapters: Sequence[LoraAdapter], reference: CollectionSpec 
         BaseModelMismatchError, ShapeMismatchError, ValueError: naming the offending adapter file and the fix.
     """
     if not adapters:
-        raise ValueError("no adapters to compress.")
+        raise UsageError("no adapters to compress.")
     names: dict[str, str] = {}
     for adapter in adapters:
         if adapter.name in names:
-            raise ValueError(
+            raise UsageError(
                 f"two adapters are named {adapter.name!r} ({names[adapter.name]} and {adapter.source}); name them "
                 "with NAME=SOURCE."
             )
@@ -414,7 +358,10 @@ def check_collection(adapters: Sequence[LoraAdapter], reference: CollectionSpec 
                 )
     task_types = {a.task_type for a in adapters if a.task_type}
     if len(task_types) > 1:
-        raise ValueError(f"adapters have different task types {sorted(task_types)}; compress them separately.")
+        raise AdapterFormatError(
+            f"adapters have different task types {sorted(task_types)} (adapter_config.json `task_type`); compress "
+            "them separately."
+        )
     targets = sorted({key.rsplit(".", 1)[-1] for key in shapes})
     task_type = reference.task_type if reference else next(iter(task_types), None)
     return CollectionSpec(base_model_name_or_path=base, module_shapes=dict(shapes), target_modules=targets,

@@ -1,43 +1,29 @@
-"""`report.json` of a compressed collection and the Python object returned by `compress` / `extend_collection`."""
+"""`report.json` of a collection: its one reader and writer (`compress`, `add`, `inspect`, Hub cards and listings).
+
+The report is JSON (no tensors), so reading it needs neither torch nor peft beyond what the package already imports.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from ..core import REPORT_NAME, AdapterFormatError, atomic_write_json, read_json_object
 
 
-REPORT_NAME = "report.json"
 REPORT_FORMAT = "peft-jd-compression-report"
+REPORT_FORMAT_VERSION = 1
 ERROR_CONVENTION = (
     "err2 = (||dW - dW_hat||_F / ||dW||_F)^2 per adapter and module (the paper's convention), err = its square root; "
     "means are over adapters and modules"
 )
-
-
-def default_mode(directory: bool = False) -> int:
-    """Permissions a plain `open`/`mkdir` would give (temporary files and folders are private by default)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Writes JSON through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# Per adapter figures shown by cards and `peft-jd ls`, in this order.
+FIGURE_KEYS = ("mean_err2", "mean_err", "max_err2")
+# Sections every report has; `from_dict` refuses a file without them (it would fail later, less clearly).
+_REQUIRED = {"settings": dict, "summary": dict, "sizes": dict, "modules": dict, "adapters": dict}
 
 
 @dataclass
@@ -50,29 +36,98 @@ class CompressionReport:
     """
 
     data: dict[str, Any]
-    path: Path | None = None
+    path: Optional[Path] = None
+
+    # ------------------------------------------------------------------------------------------- read / write
+    @classmethod
+    def from_dict(cls, data: Any, source: str = REPORT_NAME) -> CompressionReport:
+        """Checks that `data` is a peft-jd compression report; `AdapterFormatError` naming `source` otherwise."""
+        fix = "it was not written by `peft-jd compress`; delete it or rerun `peft-jd compress`."
+        if not isinstance(data, dict):
+            raise AdapterFormatError(f"{source} must hold a JSON object, not {type(data).__name__}; {fix}")
+        if data.get("format") != REPORT_FORMAT:
+            raise AdapterFormatError(f"{source} is not a peft-jd compression report (no \"format\": "
+                                     f"\"{REPORT_FORMAT}\"); {fix}")
+        version = data.get("format_version", REPORT_FORMAT_VERSION)
+        if not isinstance(version, int) or version > REPORT_FORMAT_VERSION:
+            raise AdapterFormatError(f"{source}: report format version {version!r} is newer than this peft-jd "
+                                     "understands; upgrade peft-jd.")
+        for key, kind in _REQUIRED.items():
+            if not isinstance(data.get(key), kind):
+                raise AdapterFormatError(f"{source}: `{key}` is missing or not a JSON {kind.__name__}; {fix}")
+        for name, entry in data["adapters"].items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("err2"), dict):
+                raise AdapterFormatError(f"{source}: the entry of adapter {name!r} is malformed; {fix}")
+        return cls(data=data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CompressionReport:
-        """Reads `report.json` from a file or a collection folder."""
+        """Reads `report.json` from a file or a collection folder (`AdapterFormatError` if missing or malformed)."""
         path = Path(path)
         if path.is_dir():
             path = path / REPORT_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; is this a collection written by `peft-jd compress`?")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != REPORT_FORMAT:
-            raise ValueError(f"{path} is not a peft-jd compression report.")
-        return cls(data=data, path=path)
+        report = cls.from_dict(read_json_object(path, "compression report"), source=str(path))
+        report.path = path
+        return report
+
+    @classmethod
+    def load_optional(cls, path: str | os.PathLike) -> Optional[CompressionReport]:
+        """Like `load`, but `None` when there is no report (a collection may be pushed without one)."""
+        path = Path(path)
+        file = path / REPORT_NAME if path.is_dir() else path
+        return cls.load(file) if file.is_file() else None
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Writes the report atomically (to `path`, or where it came from)."""
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ValueError("no path to save the report to.")
-        write_json_atomic(target, self.data)
+        atomic_write_json(target, self.data)
         self.path = target
         return target
+
+    @classmethod
+    def build(
+        cls,
+        settings: dict[str, Any],
+        base_model_name_or_path: Optional[str],
+        target_modules: list[str],
+        task_type: Optional[str],
+        modules: dict[str, dict[str, Any]],
+        adapters: dict[str, dict[str, Any]],
+        bases_params: int,
+        sigma_size: int,
+        auto_selection: Optional[dict[str, Any]] = None,
+    ) -> CompressionReport:
+        """A new report of a collection (entries from `adapter_entry`, modules as `compress` records them)."""
+        report = cls(data={
+            "format": REPORT_FORMAT,
+            "format_version": REPORT_FORMAT_VERSION,
+            "error_convention": ERROR_CONVENTION,
+            "settings": settings,
+            "base_model_name_or_path": base_model_name_or_path,
+            "target_modules": target_modules,
+            "task_type": task_type,
+            "num_modules": len(modules),
+            "auto_selection": auto_selection,
+            "modules": modules,
+            "adapters": adapters,
+            "warnings": [],
+            "timings": {},
+        })
+        report.refresh(bases_params, sigma_size)
+        return report
+
+    def refresh(self, bases_params: int, sigma_size: int) -> None:
+        """Recomputes the adapter count, error summary and sizes from the adapter entries."""
+        entries = self.adapters
+        self.data["num_adapters"] = len(entries)
+        self.data["summary"] = summarize(entries)
+        self.data["sizes"] = sizes_entry(
+            sum(e["lora_params"] for e in entries.values()), bases_params,
+            sum(e["sigma_params"] for e in entries.values()), sigma_size,
+            saved_params=sum(e.get("saved_params", 0) for e in entries.values()),
+        )
 
     # ---------------------------------------------------------------------------------------------- accessors
     @property
@@ -89,7 +144,7 @@ class CompressionReport:
 
     @property
     def adapters(self) -> dict[str, dict[str, Any]]:
-        """Per adapter: source, cluster(s), `err2`/`err` per module, means, sizes."""
+        """Per adapter: source, cluster(s), `err2`/`err` per module, means, sizes, whether it was `added`."""
         return self.data["adapters"]
 
     @property
@@ -112,11 +167,25 @@ class CompressionReport:
 
     @property
     def timings(self) -> dict[str, Any]:
-        return self.data["timings"]
+        return self.data.setdefault("timings", {})
 
     @property
     def warnings(self) -> list[str]:
         return self.data.setdefault("warnings", [])
+
+    def added_adapters(self) -> list[str]:
+        """Adapters projected onto the bases by `peft-jd add` (not part of the joint compression)."""
+        return sorted(name for name, entry in self.adapters.items() if entry.get("added"))
+
+    def adapter_figures(self, name: str) -> dict[str, float]:
+        """The figures cards and listings show for adapter `name` (empty if the report does not list it)."""
+        return report_figures(self.adapters.get(name, {}))
+
+    def mean_figures(self) -> dict[str, float]:
+        """Collection-level figures: mean err² and err over adapters and modules, worst adapter's mean err²."""
+        summary = self.data["summary"]
+        return {"mean_err2": summary["mean_err2"], "mean_err": summary["mean_err"],
+                "max_adapter_err2": summary["max_adapter_err2"]}
 
     def summary(self) -> str:
         """One paragraph for humans."""
@@ -129,12 +198,19 @@ class CompressionReport:
             f"{sizes['lora_params']:,} LoRA parameters → {sizes['bases_params']:,} shared + "
             f"{sizes['sigma_params']:,} Σ (ratio {sizes['compression_ratio']:.2f}×)"
         )
+        if sizes.get("saved_params"):
+            text += f"; {sizes['saved_params']:,} modules_to_save parameters kept uncompressed"
         if "total_s" in self.timings:
             text += f"; {self.timings['total_s']:.1f} s"
         return text + "."
 
     def __repr__(self) -> str:
         return f"CompressionReport({self.summary()})"
+
+
+def report_figures(entry: Mapping[str, Any]) -> dict[str, float]:
+    """The figures of one adapter entry (`mean_err2`, `mean_err`, `max_err2`) that it holds."""
+    return {key: float(entry[key]) for key in FIGURE_KEYS if isinstance(entry.get(key), (int, float))}
 
 
 def summarize(adapters: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -151,8 +227,18 @@ def summarize(adapters: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def adapter_entry(source: str, errors2: dict[str, float], clusters: dict[str, int], lora_params: int,
-                  sigma_params: int, added: bool = False) -> dict[str, Any]:
-    """The report entry of one adapter."""
+                  sigma_params: int, added: bool = False, saved_params: int = 0) -> dict[str, Any]:
+    """The report entry of one adapter.
+
+    Args:
+        source: The spec the adapter was given as.
+        errors2: Squared relative error per module.
+        clusters: Cluster per module.
+        lora_params: LoRA factor parameters of the input.
+        sigma_params: Σ parameters of the output.
+        added: Written by `peft-jd add` (projected onto existing bases).
+        saved_params: Parameters of its `modules_to_save`, kept uncompressed in its sigma adapter.
+    """
     values = list(errors2.values())
     cluster_ids = set(clusters.values())
     return {
@@ -163,7 +249,23 @@ def adapter_entry(source: str, errors2: dict[str, float], clusters: dict[str, in
         "max_err2": max(values, default=0.0),
         "lora_params": lora_params,
         "sigma_params": sigma_params,
+        "saved_params": saved_params,
         "added": added,
         "err2": errors2,
         "err": {key: value**0.5 for key, value in errors2.items()},
+    }
+
+
+def sizes_entry(lora_params: int, bases_params: int, sigma_params: int, sigma_size: int,
+                saved_params: int = 0) -> dict[str, Any]:
+    """Parameter counts of a collection; `compression_ratio` compares the LoRA factors with bases + Σ, and
+    `total_ratio` includes the `modules_to_save` parameters, stored uncompressed on both sides."""
+    return {
+        "lora_params": lora_params,
+        "bases_params": bases_params,
+        "sigma_params": sigma_params,
+        "saved_params": saved_params,
+        "sigma_params_per_module": sigma_size,
+        "compression_ratio": lora_params / max(1, bases_params + sigma_params),
+        "total_ratio": (lora_params + saved_params) / max(1, bases_params + sigma_params + saved_params),
     }

@@ -2,7 +2,8 @@
 
 The work folder `.<OUT name>.peft-jd-work/` sits beside `OUT`; it is keyed by a hash of the settings and of the input
 files (path, size, mtime), so a rerun of the same command skips finished modules and any change starts afresh. The
-output folder itself is only created, atomically, once every module is done.
+output folder itself is only created, atomically, once every module is done. It is used only under the writers' lock
+of `OUT`, so the next run also removes the temporary files a killed run left in it.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from .algorithms import ModuleResult
+from ..core import AdapterFormatError, atomic_write_bytes, atomic_write_json
 from .lora_io import LoraAdapter
+from .result import CompressionResult
 
 
 logger = logging.getLogger(__name__)
@@ -64,8 +65,9 @@ class WorkDir:
             previous = None
             if state_path.is_file():
                 try:
-                    previous = json.loads(state_path.read_text(encoding="utf-8")).get("key")
-                except json.JSONDecodeError:
+                    state = json.loads(state_path.read_text(encoding="utf-8"))
+                    previous = state.get("key") if isinstance(state, dict) else None
+                except ValueError:  # not UTF-8 or not JSON: a state this version did not write
                     previous = None
             if resume and previous == self.key:
                 logger.info("resuming from %s (%d modules done)", self.path, len(self._finished()))
@@ -74,11 +76,13 @@ class WorkDir:
                     logger.warning("discarding earlier partial run in %s (other settings or inputs)", self.path)
                 shutil.rmtree(self.path)
         (self.path / "modules").mkdir(parents=True, exist_ok=True)
+        for leftover in (self.path / "modules").glob(".tmp-*"):  # a module write killed half-way
+            leftover.unlink(missing_ok=True)
         if not state_path.is_file():
-            state_path.write_text(json.dumps({"key": self.key, "settings": key_data}, default=str), encoding="utf-8")
+            atomic_write_json(state_path, json.loads(json.dumps({"key": self.key, "settings": key_data}, default=str)))
 
     def _finished(self) -> list[Path]:
-        return sorted((self.path / "modules").glob("*.safetensors"))
+        return sorted(p for p in (self.path / "modules").glob("*.safetensors") if not p.name.startswith("."))
 
     def module_path(self, index: int, module_key: str) -> Path:
         return self.path / "modules" / _file_name(index, module_key)
@@ -86,7 +90,7 @@ class WorkDir:
     def done(self, index: int, module_key: str) -> bool:
         return self.module_path(index, module_key).is_file()
 
-    def save(self, index: int, module_key: str, result: ModuleResult, info: dict[str, Any]) -> None:
+    def save(self, index: int, module_key: str, result: CompressionResult, info: dict[str, Any]) -> None:
         """Stores one module's result atomically (temporary file + rename)."""
         tensors = {
             "U": result.U.contiguous(),
@@ -95,16 +99,8 @@ class WorkDir:
             "cluster": result.cluster.long().contiguous(),
             "err2": result.err2.double().contiguous(),
         }
-        target = self.module_path(index, module_key)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=target.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"module_key": module_key, "info": json.dumps(info)})
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        metadata = {"module_key": module_key, "info": json.dumps(info)}
+        atomic_write_bytes(self.module_path(index, module_key), save(tensors, metadata=metadata))
 
     def load(self, index: int, module_key: str, names: tuple[str, ...] = ("U", "V", "sigma", "cluster", "err2")
              ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -112,7 +108,8 @@ class WorkDir:
         with safe_open(self.module_path(index, module_key), framework="pt") as handle:
             metadata = handle.metadata()
             if metadata.get("module_key") != module_key:
-                raise ValueError(f"{self.module_path(index, module_key)} holds {metadata.get('module_key')!r}.")
+                raise AdapterFormatError(f"{self.module_path(index, module_key)} holds "
+                                         f"{metadata.get('module_key')!r}; rerun with --no-resume.")
             tensors = {name: handle.get_tensor(name) for name in names}
         return tensors, json.loads(metadata["info"])
 

@@ -190,6 +190,7 @@ def write_sigma_adapter(
     sigmas: Mapping[str, torch.Tensor],
     config: Any,
     readme: str | None = None,
+    saved_tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Writes a PEFT-loadable sigma adapter directory atomically.
 
@@ -198,11 +199,17 @@ def write_sigma_adapter(
         sigmas: Per module key, Σ of shape `(r, r)` (full) or `(r,)` (diag).
         config: The adapter's `JDLoraConfig` (or its dict).
         readme: Optional model card text written as `README.md`.
+        saved_tensors: Tensors of the config's `modules_to_save`, by their PEFT file key, stored as they are.
     """
     tensors = {}
     for module_key, sigma in sigmas.items():
         check_finite(sigma, f"Σ of module {module_key} (adapter {out_dir})")
         tensors[sigma_state_dict_key(module_key)] = sigma.detach().to("cpu", torch.float32).contiguous()
+    for key, tensor in (saved_tensors or {}).items():
+        if key in tensors:
+            raise AdapterFormatError(f"adapter {out_dir}: modules_to_save tensor {key!r} clashes with a Σ key.")
+        check_finite(tensor, f"modules_to_save tensor {key} (adapter {out_dir})")
+        tensors[key] = tensor.detach().to("cpu").contiguous()
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
         write_adapter_config(tmp, config)

@@ -15,14 +15,18 @@ import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
+from ..bulk import load_adapters
+from ..compression import compress
 from ..core import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     BASES_WEIGHTS_NAME,
     PEFT_KEY_PREFIX,
     atomic_directory,
+    bases_dir,
     module_key_from_sigma_key,
 )
+from ..core import adapter_dir as sigma_adapter_dir  # the functions below call their LoRA folders `adapter_dir`
 from .model import ZooModel
 
 
@@ -43,9 +47,7 @@ def load_lora_collection(zoo: ZooModel, adapters: Mapping[str, Path]) -> PeftMod
 
 def load_jd_collection(zoo: ZooModel, collection_dir: Path, names: Sequence[str], progress: bool = True) -> PeftModel:
     """Wraps `zoo.model` with the JD-LoRA sigma adapters `collection_dir/adapters/<name>` (shared bases once)."""
-    import peft_jd
-
-    adapter_dirs = [Path(collection_dir) / "adapters" / name for name in names]
+    adapter_dirs = [sigma_adapter_dir(collection_dir, name) for name in names]
     for name, directory in zip(names, adapter_dirs):
         if not (directory / ADAPTER_CONFIG_NAME).is_file():
             raise FileNotFoundError(
@@ -54,7 +56,7 @@ def load_jd_collection(zoo: ZooModel, collection_dir: Path, names: Sequence[str]
             )
     model = PeftModel.from_pretrained(zoo.model, str(adapter_dirs[0]), adapter_name=names[0])
     if len(names) > 1:
-        peft_jd.load_adapters(
+        load_adapters(
             model, [str(d) for d in adapter_dirs[1:]], adapter_names=list(names[1:]), progress=progress
         )
     return model.eval()
@@ -80,16 +82,8 @@ def compress_collection(
         clusters: Clusters per module.
         options: Further keyword arguments of `compress` (`normalize`, `seed`, `progress`, …).
     """
-    try:
-        from peft_jd.compression import compress
-    except ImportError as exc:
-        raise ImportError(
-            f"peft_jd.compression is not available in this installation; it is needed to compress the zoo ({exc})."
-        ) from exc
     specs = [f"{name}={Path(path).resolve()}" for name, path in adapters.items()]
-    report = compress(specs, out_dir, method=method, rank=rank, clusters=clusters, **options)
-    data = getattr(report, "data", report)
-    return dict(data) if isinstance(data, Mapping) else {}
+    return dict(compress(specs, out_dir, method=method, rank=rank, clusters=clusters, **options).data)
 
 
 def lora_factors(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -142,10 +136,10 @@ def truncate_lora(adapter_dir: Path, out_dir: Path, rank: int) -> Path:
 
 
 def _jd_deltas(collection_dir: Path, name: str, bases: dict[str, torch.Tensor]):
-    adapter_dir = Path(collection_dir) / "adapters" / name
-    config = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+    folder = sigma_adapter_dir(collection_dir, name)
+    config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
     scaling, cluster = config.get("scaling", 1.0), config.get("cluster", 0)
-    for key, sigma in load_file(str(adapter_dir / ADAPTER_WEIGHTS_NAME)).items():
+    for key, sigma in load_file(str(folder / ADAPTER_WEIGHTS_NAME)).items():
         module_key = module_key_from_sigma_key(key)
         c = cluster if isinstance(cluster, int) else cluster[module_key]
         U, V = bases[f"{module_key}.U"][c].double(), bases[f"{module_key}.V"][c].double()
@@ -176,7 +170,7 @@ def reconstruction_errors(loras: Mapping[str, Path], collection_dir: Path) -> di
         loras: Name → original PEFT LoRA directory.
         collection_dir: Compressed collection with `bases/` and `adapters/<name>/`.
     """
-    bases = load_file(str(Path(collection_dir) / "bases" / BASES_WEIGHTS_NAME))
+    bases = load_file(str(bases_dir(collection_dir) / BASES_WEIGHTS_NAME))
     return _mean_squared_relative_error(loras, lambda name: _jd_deltas(collection_dir, name, bases))
 
 
@@ -197,11 +191,11 @@ def lora_parameters(adapter_dir: Path) -> int:
 
 def jd_parameters(collection_dir: Path, names: Sequence[str]) -> dict[str, float]:
     """Parameters per adapter of a JD collection: its Σ, the shared bases, and Σ + bases amortized over `names`."""
-    bases = load_file(str(Path(collection_dir) / "bases" / BASES_WEIGHTS_NAME))
+    bases = load_file(str(bases_dir(collection_dir) / BASES_WEIGHTS_NAME))
     bases_total = sum(t.numel() for t in bases.values())
     sigma_total = 0
     for name in names:
-        sigmas = load_file(str(Path(collection_dir) / "adapters" / name / ADAPTER_WEIGHTS_NAME))
+        sigmas = load_file(str(sigma_adapter_dir(collection_dir, name) / ADAPTER_WEIGHTS_NAME))
         sigma_total += sum(t.numel() for t in sigmas.values())
     sigma_mean = sigma_total / max(1, len(names))
     return {"sigma": sigma_mean, "bases": bases_total, "amortized": sigma_mean + bases_total / max(1, len(names))}
