@@ -66,9 +66,8 @@ if _TUNER_PROBLEM is None:
         if exc.name is None or exc.name.split(".")[0] in ("peft_jd", "hub_tools"):
             raise
         _TUNER_PROBLEM = f"importing it failed ({exc})."
-        warnings.warn(f"peft-jd's PEFT tuner is unavailable: {_TUNER_PROBLEM} Only peft_jd.core is usable.", stacklevel=2)
-elif "not installed" not in _TUNER_PROBLEM:
-    # A serving image may pin another PEFT; the core stays usable there, and the tuner says why it is missing.
+if _TUNER_PROBLEM is not None and "not installed" not in _TUNER_PROBLEM:
+    # A serving image may pin other peft/transformers: the core stays usable, the tuner says why it is missing.
     warnings.warn(f"peft-jd's PEFT tuner is unavailable: {_TUNER_PROBLEM} Only peft_jd.core is usable.", stacklevel=2)
 
 
