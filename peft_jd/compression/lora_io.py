@@ -28,6 +28,7 @@ from ..core import (
     ShapeMismatchError,
     UsageError,
     check_path_component,
+    hub_download,
     looks_like_local_path,
     read_json_object,
     warn_once,
@@ -196,45 +197,23 @@ def _default_name(source: str) -> str:
 
 
 def _hub_files(source: str, revision: str | None, hub: HubOptions) -> tuple[Path, Path]:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     parts = source.strip("/").split("/")
     if len(parts) < 2:
         raise FileNotFoundError(
             f"adapter {source!r}: no such directory, and it is not a Hub repo id (owner/name). Check the path."
         )
     repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:]) or None
-    kwargs = dict(subfolder=subfolder, revision=revision, token=hub.token, cache_dir=hub.cache_dir,
-                  local_files_only=hub.local_files_only)
-    try:
-        config_path = hf_hub_download(repo_id, ADAPTER_CONFIG_NAME, **kwargs)
-        weights_path = hf_hub_download(repo_id, ADAPTER_WEIGHTS_NAME, **kwargs)
-    except RevisionNotFoundError as exc:
-        raise FileNotFoundError(f"adapter {source!r}: Hub repo {repo_id!r} has no revision {revision!r}.") from exc
-    except RepositoryNotFoundError as exc:
-        raise FileNotFoundError(
-            f"adapter {source!r}: not a local directory and Hub repo {repo_id!r} was not found (or your token cannot "
-            "read it). Check the path, or log in with `hf auth login`."
-        ) from exc
-    except EntryNotFoundError as exc:
-        raise FileNotFoundError(
-            f"adapter {source!r}: Hub repo {repo_id!r} has no {subfolder + '/' if subfolder else ''}"
-            f"{ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME}; it is not a PEFT LoRA in safetensors format."
-        ) from exc
-    except LocalEntryNotFoundError as exc:
-        raise FileNotFoundError(
-            f"adapter {source!r}: not a local directory and not in the Hub cache (offline mode). Download it first or "
-            "drop --local-files-only."
-        ) from exc
-    except HFValidationError as exc:
-        raise FileNotFoundError(f"adapter {source!r}: no such directory, and not a valid Hub repo id.") from exc
+    config_path, weights_path = hub_download(
+        repo_id,
+        [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME],
+        subfolder=subfolder,
+        revision=revision,
+        what="PEFT LoRA (safetensors)",
+        error_cls=FileNotFoundError,
+        token=hub.token,
+        cache_dir=hub.cache_dir,
+        local_files_only=hub.local_files_only,
+    )
     return Path(config_path), Path(weights_path)
 
 

@@ -37,7 +37,7 @@ def describe(repo_id: str, subfolder: Optional[str] = None, revision: Optional[s
     return repo_id + (f"/{subfolder.strip('/')}" if subfolder else "") + (f"@{revision}" if revision else "")
 
 
-def check_hub_path(value: Optional[str], what: str, error_cls: type[JDLoraError] = JDLoraError) -> Optional[str]:
+def check_hub_path(value: Optional[str], what: str, error_cls: type[Exception] = JDLoraError) -> Optional[str]:
     """Returns a Hub subfolder, revision or file name if it cannot leave the repo's cache folder, else raises.
 
     huggingface_hub joins these to cache paths (`snapshots/<revision>/<subfolder>/<file>`, `refs/<revision>`), and
@@ -68,7 +68,7 @@ def hub_download(
     subfolder: Optional[str] = None,
     revision: Optional[str] = None,
     what: str = "files",
-    error_cls: type[JDLoraError] = JDLoraError,
+    error_cls: type[Exception] = JDLoraError,
     expected_sha256: Optional[Mapping[str, str]] = None,
     **hub_kwargs,
 ) -> list[str]:
@@ -88,6 +88,7 @@ def hub_download(
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
+        HFValidationError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -117,7 +118,12 @@ def hub_download(
             f"error: {_one_line(exc)}). Download them once online (`peft-jd pull …`), or unset HF_HUB_OFFLINE."
         ) from exc
     except EntryNotFoundError as exc:
-        raise error_cls(f"{where} has no {', '.join(filenames)}; it is not a JD-LoRA {what} folder.") from exc
+        raise error_cls(
+            f"{where} has no {' + '.join(filenames)}; it is not a {what} folder (for a folder inside the repo, pass "
+            "its subfolder)."
+        ) from exc
+    except HFValidationError as exc:
+        raise error_cls(f"{repo_id!r} is neither a local folder nor a valid Hub repo id ({_one_line(exc)}).") from exc
     except HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", "?")
         raise error_cls(
