@@ -10,7 +10,8 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from typing import Optional
 
 from .errors import HubUsageError
 
@@ -18,14 +19,18 @@ from .errors import HubUsageError
 logger = logging.getLogger(__name__)
 
 
-def _add_hub_args(parser: argparse.ArgumentParser) -> None:
+def _hub_command(subparsers, name: str, help: str, func) -> argparse.ArgumentParser:
+    """A subcommand running `func(args)`, with the Hub connection options every one of them takes."""
+    parser = subparsers.add_parser(name, help=help)
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
     parser.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    parser.set_defaults(func=func)
+    return parser
 
 
 def register(subparsers) -> None:
     """Adds the `push`, `pull` and `ls` subcommands."""
-    push = subparsers.add_parser("push", help="upload a compressed collection to the Hugging Face Hub")
+    push = _hub_command(subparsers, "push", "upload a compressed collection to the Hugging Face Hub", _push)
     push.add_argument("collection", help="collection folder (bases/, adapters/<name>/, report.json)")
     push.add_argument("--repo", help="one repo holding bases/ and adapters/<name>/ as subfolders")
     push.add_argument("--bases-repo", help="repo for the bases (one repo per adapter layout)")
@@ -34,10 +39,8 @@ def register(subparsers) -> None:
     push.add_argument("--private", action="store_true", help="create missing repos as private")
     push.add_argument("--workers", type=int, default=8, help="adapter repos pushed in parallel")
     push.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_hub_args(push)
-    push.set_defaults(func=_push)
 
-    pull = subparsers.add_parser("pull", help="download sigma adapter(s) and the bases commit they pin")
+    pull = _hub_command(subparsers, "pull", "download sigma adapter(s) and the bases commit they pin", _pull)
     pull.add_argument("repo", help="adapter repo, or collection repo (with --subfolder / --all / --adapters)")
     pull.add_argument("--subfolder", help="folder of the adapter inside the repo, e.g. adapters/task-17")
     pull.add_argument("--all", action="store_true", help="pull every adapter of the collection")
@@ -48,15 +51,16 @@ def register(subparsers) -> None:
                       help="replace --local-dir even if it holds files peft-jd did not write (they are deleted)")
     pull.add_argument("--cache-dir", help="huggingface_hub cache (default: HF_HUB_CACHE)")
     pull.add_argument("--offline", action="store_true", help="use the local cache only")
-    _add_hub_args(pull)
-    pull.set_defaults(func=_pull)
 
-    ls = subparsers.add_parser("ls", help="list the adapters, clusters and report figures of a pushed collection")
+    ls = _hub_command(subparsers, "ls", "list the adapters, clusters and report figures of a pushed collection", _ls)
     ls.add_argument("repo", help="collection repo (bases repo or single collection repo) or adapter repo")
     ls.add_argument("--revision", help="branch, tag or commit sha")
     ls.add_argument("--json", action="store_true", help="print JSON")
-    _add_hub_args(ls)
-    ls.set_defaults(func=_ls)
+
+
+def _location(repo_id: str, subfolder: Optional[str]) -> str:
+    """`repo` or `repo/subfolder`, as the outputs show a place on the Hub."""
+    return repo_id + (f"/{subfolder}" if subfolder else "")
 
 
 def _usage_error(exc: HubUsageError) -> int:
@@ -77,8 +81,8 @@ def _push(args) -> int:
         )
     except HubUsageError as exc:
         return _usage_error(exc)
-    bases = result.bases_repo + (f"/{result.bases_subfolder}" if result.bases_subfolder else "")
-    print(f"bases: {bases} @ {result.bases_revision} ({'uploaded' if result.bases_uploaded else 'unchanged'})")
+    print(f"bases: {_location(result.bases_repo, result.bases_subfolder)} @ {result.bases_revision} "
+          f"({'uploaded' if result.bases_uploaded else 'unchanged'})")
     print(f"adapters: {len(result.uploaded)} uploaded, {len(result.adapters) - len(result.uploaded)} unchanged")
     return 0
 
@@ -99,8 +103,8 @@ def _pull(args) -> int:
     for item in pulled:
         print(f"{item.name}\t{item.adapter_dir}")
     first = pulled[0]
-    bases = first.bases_repo + (f"/{first.bases_subfolder}" if first.bases_subfolder else "")
-    print(f"bases: {bases} @ {first.bases_revision} -> {first.bases_dir} (sha256 {first.fingerprint[:12]}… verified)")
+    print(f"bases: {_location(first.bases_repo, first.bases_subfolder)} @ {first.bases_revision} -> "
+          f"{first.bases_dir} (sha256 {first.fingerprint[:12]}… verified)")
     return 0
 
 
@@ -123,12 +127,12 @@ def _ls(args) -> int:
 
     listing = list_collection(args.repo, revision=args.revision, token=args.token, endpoint=args.endpoint)
     if args.json:
-        data = asdict(listing)
+        data = asdict(replace(listing, report=None))  # the figures are in the adapters; the full report is not listed
         data.pop("report")
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
     bases = listing.bases
-    location = (bases.get("repo") or "?") + (f"/{bases['subfolder']}" if bases.get("subfolder") else "")
+    location = _location(bases.get("repo") or "?", bases.get("subfolder"))
     print(f"{listing.repo_id} @ {listing.revision[:12]}  ({listing.kind}"
           + (f", layout: {listing.layout}" if listing.layout else "") + ")")
     print(f"base model: {listing.base_model or '?'}")
@@ -136,16 +140,15 @@ def _ls(args) -> int:
     print(f"bases: {location} @ {revision[:12]}  sha256 {fingerprint[:12]}")
     rows = [("ADAPTER", "LOCATION", "CLUSTER", "REPORT")]
     for a in listing.adapters:
-        where = a.repo_id + (f"/{a.subfolder}" if a.subfolder else "")
+        where = _location(a.repo_id, a.subfolder)
         cluster = "per-module" if isinstance(a.cluster, dict) else str(a.cluster)
         stale = "" if not a.bases_revision or a.bases_revision == bases.get("revision") else \
             f" [older bases {a.bases_revision[:12]}]"
-        rows.append((a.name, where, cluster, _format_figures(a.figures) + (f" FAILED: {a.failure}" if a.failure else
-                                                                            "") + stale))
+        rows.append((a.name, where, cluster, _format_figures(a.figures) + stale))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
-    for name, failure in sorted(listing.failures.items()):
-        print(f"{name}: not pushed, compression failed: {failure}")
-    print(f"{len(listing.adapters)} adapter(s), {len(listing.failures)} failed in compression")
+    if listing.report is not None:
+        print(f"mean over the collection: {_format_figures(listing.report.mean_figures())}")
+    print(f"{len(listing.adapters)} adapter(s)")
     return 0

@@ -13,12 +13,12 @@ import httpx2
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from peft_jd.core import ADAPTER_CONFIG_NAME, INDEX_NAME, PEFT_TYPE, REPORT_NAME
+from peft_jd.compression.report import CompressionReport
+from peft_jd.core import ADAPTER_CONFIG_NAME, INDEX_NAME, PEFT_TYPE, REPORT_NAME, AdapterFormatError
 
 from .errors import HubToolsError, PullError
 from .pull import PulledAdapter, download_adapter, materialise
-from .remote import decode_json, download_optional, parse_index, read_remote_json
-from .report import CollectionReport, parse_report
+from .remote import parse_index, read_remote_json
 
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ListedAdapter:
-    """One adapter of a listing: where it is, its cluster, bases pin and report figures/failure."""
+    """One adapter of a listing: where it is, its cluster, bases pin and report figures."""
 
     name: str
     repo_id: str
@@ -34,7 +34,6 @@ class ListedAdapter:
     cluster: Any = None
     bases_revision: Optional[str] = None
     figures: dict[str, float] = field(default_factory=dict)
-    failure: Optional[str] = None
 
 
 @dataclass
@@ -48,8 +47,7 @@ class CollectionListing:
         base_model: Base model of the collection.
         bases: `{"repo", "subfolder", "revision", "fingerprint"}` of the (current) bases.
         adapters: The adapters, sorted by name.
-        failures: Adapters the compression report marks as failed (they were not pushed).
-        report: The collection's report (empty when none was pushed).
+        report: The collection's compression report (None when none was pushed, or it is not a peft-jd report).
     """
 
     repo_id: str
@@ -59,8 +57,7 @@ class CollectionListing:
     base_model: Optional[str]
     bases: dict[str, Any]
     adapters: list[ListedAdapter]
-    failures: dict[str, str] = field(default_factory=dict)
-    report: CollectionReport = field(default_factory=CollectionReport)
+    report: Optional[CompressionReport] = None
 
 
 def _repo_sha(api: HfApi, repo_id: str, revision: Optional[str]) -> str:
@@ -72,31 +69,25 @@ def _repo_sha(api: HfApi, repo_id: str, revision: Optional[str]) -> str:
         raise HubToolsError(f"repo {repo_id!r} not found, or private and not visible with your token.") from exc
 
 
-def _from_index(repo_id: str, sha: str, index: Any, report: CollectionReport) -> CollectionListing:
+def _from_index(repo_id: str, sha: str, index: Any, report: Optional[CompressionReport]) -> CollectionListing:
     entries = parse_index(index, f"{repo_id}@{sha[:12]}/{INDEX_NAME}")
-    adapters = []
-    for name, entry in sorted(entries.items()):
-        reported = report.adapters.get(name)
-        adapters.append(ListedAdapter(
-            name, entry["repo"], entry["subfolder"], entry.get("cluster"), entry.get("bases_revision"),
-            reported.figures if reported else {}, reported.failure if reported else None,
-        ))
-    failures = {n: f for n, f in report.failures().items() if n not in entries}
+    adapters = [
+        ListedAdapter(name, entry["repo"], entry["subfolder"], entry.get("cluster"), entry.get("bases_revision"),
+                      report.adapter_figures(name) if report is not None else {})
+        for name, entry in sorted(entries.items())
+    ]
     return CollectionListing(repo_id, sha, "collection", index.get("layout"), index.get("base_model"),
-                             index.get("bases") or {}, adapters, failures, report)
+                             index.get("bases") or {}, adapters, report)
 
 
-def _remote_report(repo_id: str, sha: str, hub_kwargs: dict) -> CollectionReport:
-    """The pushed `report.json`, read defensively: an unreadable report is reported, never fatal."""
-    path = download_optional(repo_id, REPORT_NAME, sha, **hub_kwargs)
-    if path is None:
-        return CollectionReport()
+def _remote_report(repo_id: str, sha: str, hub_kwargs: dict) -> Optional[CompressionReport]:
+    """The pushed `report.json`, read defensively: a missing, unreadable or foreign report is None, never fatal."""
     try:
-        data = decode_json(path, f"{repo_id}@{sha[:12]}/{REPORT_NAME}")
-    except PullError as exc:
-        logger.warning("%s", exc)
-        return CollectionReport()
-    return parse_report(data, f"{repo_id}/{REPORT_NAME}")
+        data = read_remote_json(repo_id, REPORT_NAME, sha, **hub_kwargs)
+        return None if data is None else CompressionReport.from_dict(data, f"{repo_id}/{REPORT_NAME}")
+    except (PullError, AdapterFormatError) as exc:
+        logger.warning("%s (listing without the compression report)", exc)
+        return None
 
 
 def list_collection(

@@ -14,12 +14,13 @@ import json
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from safetensors import SafetensorError, safe_open
 
+from peft_jd.compression.report import CompressionReport
 from peft_jd.core import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -40,7 +41,6 @@ from peft_jd.core import (
 )
 
 from .errors import CollectionError
-from .report import CollectionReport, read_report
 
 
 _VERIFIED: dict[tuple[str, int, int], str] = {}
@@ -87,8 +87,7 @@ class LocalCollection:
     root: Path
     bases_config: BasesConfig
     adapters: dict[str, LocalAdapter]
-    report: CollectionReport = field(default_factory=CollectionReport)
-    report_path: Optional[Path] = None
+    report: Optional[CompressionReport] = None
 
     @property
     def bases_dir(self) -> Path:
@@ -216,13 +215,13 @@ def _adapter_names(root: Path) -> list[str]:
     return sorted(names)
 
 
-def _read_report(root: Path) -> tuple[CollectionReport, Optional[Path]]:
+def _read_report(root: Path) -> Optional[CompressionReport]:
+    """The collection's report (None if it has none); `CollectionError` if it is not a peft-jd compression report."""
     if not os.path.lexists(root / REPORT_NAME):
-        return CollectionReport(), None
+        return None
     path = _regular_file(root, REPORT_NAME, missing=f"{root / REPORT_NAME} vanished while reading the collection.")
     try:
-        read_json_object(path, "compression report")
-        return read_report(path), path
+        return CompressionReport.load(path)
     except JDLoraError as exc:
         raise CollectionError(
             f"{exc} Push uploads {REPORT_NAME} as it is: fix it, or delete it (it is optional)."
@@ -254,5 +253,4 @@ def read_collection(root: str | os.PathLike, names: Optional[Sequence[str]] = No
     if not found:
         raise CollectionError(f"{root / ADAPTERS_DIR} holds no adapters; nothing to push.")
     adapters = {name: _read_adapter(root, name, bases) for name in found}
-    report, report_path = _read_report(root)
-    return LocalCollection(root, bases, adapters, report, report_path)
+    return LocalCollection(root, bases, adapters, _read_report(root))

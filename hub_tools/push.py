@@ -29,6 +29,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalToken
 from huggingface_hub.utils import validate_repo_id
 from tqdm.auto import tqdm
 
+from peft_jd.compression.cards import collection_card, sigma_card
 from peft_jd.core import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -43,7 +44,6 @@ from peft_jd.core import (
 )
 
 from . import remote
-from .cards import collection_card, sigma_card
 from .errors import CollectionError, HubAuthError, HubUsageError, PullError, PushError
 from .local import LocalCollection, read_collection
 from .remote import INDEX_FORMAT, Upload
@@ -117,6 +117,13 @@ def _check_repo_ids(repo_ids: dict[str, str]) -> None:
             raise CollectionError(f"adapter {name!r}: repo id {repo_id!r} must be 'namespace/name'.")
 
 
+def _raise_if_refused(exc: HfHubHTTPError, problem: str, fix: str) -> None:
+    """`HubAuthError("<problem> (<status>): <fix>")` when the Hub refused the token (401 / 403); returns otherwise."""
+    status = getattr(exc.response, "status_code", None)
+    if status in (401, 403):
+        raise HubAuthError(f"{problem} ({status}): {fix}") from exc
+
+
 def _check_token(api: HfApi) -> None:
     """Fails early, with the fix, when there is no usable token (instead of a 401 after uploading the bases)."""
     try:
@@ -126,11 +133,8 @@ def _check_token(api: HfApi) -> None:
             "no Hugging Face token found: run `hf auth login`, set HF_TOKEN, or pass token=… (it needs write access)."
         ) from None
     except HfHubHTTPError as exc:
-        if exc.response is not None and exc.response.status_code in (401, 403):
-            raise HubAuthError(
-                f"{api.endpoint} rejected your token ({exc.response.status_code}): it is invalid or expired. Create a "
-                "token with write access and log in again (`hf auth login`) or set HF_TOKEN."
-            ) from None
+        _raise_if_refused(exc, f"{api.endpoint} rejected your token", "it is invalid or expired. Create a token with "
+                          "write access and log in again (`hf auth login`) or set HF_TOKEN.")
         raise PushError(f"{api.endpoint} did not answer the token check ({' '.join(str(exc).split())}); nothing was "
                         "uploaded. Retry when the Hub answers.") from exc
     except (httpx2.TransportError, ConnectionError, TimeoutError) as exc:
@@ -142,11 +146,8 @@ def _ensure_repo(api: HfApi, repo_id: str, private: bool) -> None:
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
     except HfHubHTTPError as exc:
-        if exc.response is not None and exc.response.status_code in (401, 403):
-            raise HubAuthError(
-                f"cannot create or write {repo_id!r} with your token ({exc.response.status_code}): check the "
-                "namespace and that the token has write access to it."
-            ) from exc
+        _raise_if_refused(exc, f"cannot create or write {repo_id!r} with your token",
+                          "check the namespace and that the token has write access to it.")
         raise
 
 
@@ -161,8 +162,9 @@ def _push_bases(api: HfApi, collection: LocalCollection, repo_id: str, folder: s
 def _push_adapter_repo(api: HfApi, collection: LocalCollection, name: str, repo_id: str, bases_repo: str,
                        pin: str, private: bool) -> PushedAdapter:
     adapter = collection.adapters[name]
+    entry = collection.report.adapters.get(name) if collection.report is not None else None
     card = sigma_card(name, repo_id, adapter.config, os.path.getsize(adapter.weights), collection.bases_config,
-                      bases_repo, pin, report=collection.report.adapters.get(name))
+                      bases_repo, pin, report=entry)
     uploads = [
         Upload(ADAPTER_CONFIG_NAME, adapter.config_for_hub(bases_repo, pin, None)),
         Upload(ADAPTER_WEIGHTS_NAME, adapter.weights),
@@ -289,8 +291,8 @@ def _push_index(api: HfApi, collection: LocalCollection, repo_id: str, bases_fol
                            collection.report, bases_folder or None)
     uploads = [Upload(INDEX_NAME, json.dumps(index, indent=2, sort_keys=True).encode()),
                Upload(CARD_NAME, card.encode("utf-8"))]
-    if collection.report_path is not None:
-        uploads.append(Upload(REPORT_NAME, collection.report_path))
+    if collection.report is not None:
+        uploads.append(Upload(REPORT_NAME, collection.report.path))
     remote.commit(api, repo_id, remote.changed(api, repo_id, uploads), "Update JD-LoRA collection index and card")
 
 
