@@ -19,14 +19,7 @@ if not ON_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from kernel_reference import (  # noqa: E402
-    assert_close_to_reference,
-    check_against_reference,
-    dense_reference,
-    make_problem,
-    non_contiguous,
-    run_kernel,
-)
+import kernel_reference as ref  # noqa: E402
 
 from peft_jd.kernels import jd_lora_apply, jd_lora_apply_torch, triton_kernels, triton_ops  # noqa: E402
 from peft_jd.kernels.triton_ops import TritonLaunchConfig, default_launch_config, jd_lora_apply_triton  # noqa: E402
@@ -43,15 +36,15 @@ SMALL_TILES = TritonLaunchConfig(block_t=16, block_k=16, block_n=16, split_k=3)
 
 
 def problem_on_device(**kwargs) -> dict:
-    return make_problem(device=DEVICE, **kwargs)
+    return ref.make_problem(device=DEVICE, **kwargs)
 
 
 def check_triton(problem: dict, dtype: torch.dtype, what: str, config=None) -> torch.Tensor:
     """Triton result vs the dense reference, vs the PyTorch path, and `__base__` rows untouched."""
-    y = check_against_reference(lambda **kw: jd_lora_apply_triton(**kw, config=config), problem, dtype, what)
-    y_torch = run_kernel(jd_lora_apply_torch, problem)
+    y = ref.check_against_reference(lambda **kw: jd_lora_apply_triton(**kw, config=config), problem, dtype, what)
+    y_torch = ref.run_kernel(jd_lora_apply_torch, problem)
     delta_torch = (y_torch.double() - problem["y"].double()).cpu().numpy()
-    assert_close_to_reference(y, problem["y"], delta_torch, dtype, f"{what} vs torch path")
+    ref.assert_close_to_reference(y, problem["y"], delta_torch, dtype, f"{what} vs torch path")
     return y
 
 
@@ -110,13 +103,13 @@ def test_small_features():
 @pytest.mark.parametrize("sigma_type", ["full", "diag"])
 def test_non_contiguous_inputs(sigma_type, num_clusters, dtype):
     problem = problem_on_device(num_clusters=num_clusters, sigma_type=sigma_type, dtype=dtype, seed=6)
-    strided = non_contiguous(problem)
+    strided = ref.non_contiguous(problem)
     y_fused = strided.pop("y_fused")
     y_before = y_fused.clone()
     jd_lora_apply_triton(**strided, config=SMALL_TILES)
     width = problem["y"].shape[1]
     out = y_fused[:, 7 : 7 + width]
-    assert_close_to_reference(out, problem["y"], dense_reference(problem), dtype, "non-contiguous")
+    ref.assert_close_to_reference(out, problem["y"], ref.dense_reference(problem), dtype, "non-contiguous")
     outside = torch.ones(y_fused.shape[1], dtype=torch.bool, device=y_fused.device)
     outside[7 : 7 + width] = False
     assert torch.equal(y_fused[:, outside], y_before[:, outside]), "columns outside the y slice were modified"
@@ -145,15 +138,16 @@ def test_int32_slots_float_scaling_and_all_base_rows():
     problem["slot_cluster"] = problem["slot_cluster"].to(torch.int32)
     check_triton(problem, torch.float32, "int32 slots, float scaling")
     problem["slot_index"] = torch.zeros_like(problem["slot_index"])
-    y = run_kernel(jd_lora_apply_triton, problem)
+    y = ref.run_kernel(jd_lora_apply_triton, problem)
     assert torch.equal(y, problem["y"])
 
 
 def test_dispatch_forced_triton(monkeypatch):
     problem = problem_on_device(num_clusters=2, seed=12)
     monkeypatch.setenv("PEFT_JD_KERNEL", "triton")
-    y = run_kernel(jd_lora_apply, problem)
-    assert_close_to_reference(y, problem["y"], dense_reference(problem), torch.float32, "PEFT_JD_KERNEL=triton")
+    y = ref.run_kernel(jd_lora_apply, problem)
+    expected = ref.dense_reference(problem)
+    ref.assert_close_to_reference(y, problem["y"], expected, torch.float32, "PEFT_JD_KERNEL=triton")
 
 
 def test_bad_inputs_name_the_problem():
@@ -221,4 +215,5 @@ def test_cuda_no_host_sync_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     replayed = {**problem, "slot_index": new_slots}
-    assert_close_to_reference(static["y"], problem["y"], dense_reference(replayed), torch.bfloat16, "graph replay")
+    expected = ref.dense_reference(replayed)
+    ref.assert_close_to_reference(static["y"], problem["y"], expected, torch.bfloat16, "graph replay")
