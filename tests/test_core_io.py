@@ -170,3 +170,17 @@ def test_hostile_names_never_resolve_outside_the_root(tmp_path):
     assert outside > 100  # the generator does produce escapes, and they are refused
     with pytest.raises(AdapterNameError, match="outside"):
         confined_path(root, "escape")
+
+
+@pytest.mark.parametrize("name", ["run*", "out[12]", "a?"])
+def test_repair_never_touches_another_collections_leftovers(tmp_path, name):
+    # A writer of `run*` cleaning its own leftovers must not match the temporary folders of `run-other`, nor
+    # "restore" another collection's trash as its own folder.
+    others = [tmp_path / f".tmp-{name.strip('*?[]')}x-abc", tmp_path / ".trash-runother-deadbeef",
+              tmp_path / ".trash-out1-deadbeef", tmp_path / ".tmp-ab-123"]
+    for other in others:
+        write_tree(other, {"keep": "theirs"})
+    with atomic_directory(tmp_path / name, kind=KIND_COLLECTION) as tmp:
+        (tmp / "a").write_text("new")
+    assert all((other / "keep").read_text() == "theirs" for other in others)
+    assert sorted(p.name for p in (tmp_path / name).iterdir()) == [".peft-jd.json", "a"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import json
 import logging
 import os
@@ -96,7 +97,9 @@ except OSError:  # not a glibc/musl platform: fall back to two renames plus reco
 
 
 def _siblings(final_dir: Path, prefix: str) -> list[Path]:
-    return sorted(final_dir.parent.glob(f"{prefix}-{final_dir.name}-*"), key=lambda p: p.stat().st_mtime)
+    # The name is escaped: `--out 'run*'` must not match the temporary folders of another collection.
+    pattern = f"{glob.escape(f'{prefix}-{final_dir.name}-')}*"
+    return sorted(final_dir.parent.glob(pattern), key=lambda p: p.stat().st_mtime)
 
 
 def recover_interrupted_swap(final_dir: str | os.PathLike) -> None:
