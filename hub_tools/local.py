@@ -130,8 +130,8 @@ def _check_bases_tensors(path: Path, config: BasesConfig) -> None:
     """The bases weights hold exactly `<module>.U` (c, out, r) and `<module>.V` (c, in, r) per module, as floats."""
     expected = {}
     for module_key, spec in config.modules.items():
-        expected[f"{module_key}.U"] = (spec.num_clusters, spec.out_features, config.r)
-        expected[f"{module_key}.V"] = (spec.num_clusters, spec.in_features, config.r)
+        expected[f"{module_key}.U"] = (spec.num_clusters, spec.out_features, config.rank_of(module_key))
+        expected[f"{module_key}.V"] = (spec.num_clusters, spec.in_features, config.rank_of(module_key))
     try:
         with safe_open(path, framework="pt") as f:
             found = {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()}

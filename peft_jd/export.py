@@ -137,9 +137,13 @@ def _export(
         state_dict[f"{PEFT_KEY_PREFIX}{module_key}.lora_A.weight"] = lora_a
         state_dict[f"{PEFT_KEY_PREFIX}{module_key}.lora_B.weight"] = lora_b
     state_dict.update({key: tensor.detach().to("cpu") for key, tensor in saved_modules.items()})
+    # lora_alpha = r everywhere (scaling 1: Σ already holds it); modules with their own rank say so in both patterns.
+    rank_pattern = {key: spec.rank_of(key) for key in sigmas if spec.rank_of(key) != spec.r}
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.r,
+        rank_pattern=rank_pattern,
+        alpha_pattern=dict(rank_pattern),
         target_modules=_target_modules(spec, sigmas),
         modules_to_save=spec.modules_to_save,
         lora_dropout=0.0,

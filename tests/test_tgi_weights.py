@@ -18,10 +18,10 @@ from tgi_patch.weights import COLUMN, ROW, TargetLayer
 NAMES = ["task-0", "task-1", "task-2"]
 
 
-def _collection(tmp_path, clusters=2, sigma_type="full", seed=0):
+def _collection(tmp_path, clusters=2, sigma_type="full", seed=0, module_ranks=None):
     model = tiny_llama()
     collection = make_collection(tmp_path, model, n_adapters=3, r=4, clusters=clusters, sigma_type=sigma_type,
-                                 seed=seed)
+                                 seed=seed, module_ranks=module_ranks)
     return model, collection, load_shared_bases(str(tmp_path / "bases"))
 
 
@@ -64,9 +64,15 @@ TGI_INDICES = [0, 2, 2, 3, 1, 4, 0, 3, 4, 2]
 TOKEN_ADAPTERS = [None, "task-0", "task-0", "task-1", None, "task-2", None, "task-1", "task-2", "task-0"]
 
 
-@pytest.mark.parametrize("clusters,sigma_type", [(1, "full"), (2, "full"), (2, "diag")])
-def test_mixed_batch_matches_dense_reference(tmp_path, clusters, sigma_type):
-    model, collection, bases = _collection(tmp_path, clusters, sigma_type)
+# Budgeted collections: the k_proj of layer 1 has rank 2 while the others have 4.
+HETEROGENEOUS = {"model.layers.1.self_attn.k_proj": 2}
+
+
+@pytest.mark.parametrize("clusters,sigma_type,module_ranks", [(1, "full", None), (2, "full", None),
+                                                              (2, "diag", None), (2, "full", HETEROGENEOUS),
+                                                              (1, "diag", HETEROGENEOUS)])
+def test_mixed_batch_matches_dense_reference(tmp_path, clusters, sigma_type, module_ranks):
+    model, collection, bases = _collection(tmp_path, clusters, sigma_type, module_ranks=module_ranks)
     state = JDServingState()
     targets = _targets(model, "k_proj")
     handles = _prepare(state, tmp_path, bases, "k_proj", targets)

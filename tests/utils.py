@@ -55,17 +55,22 @@ def make_collection(
     seed: int = 0,
     base_model: str = TINY_NAME,
     sigma_scale: float = 0.5,
+    module_ranks: dict[str, int] | None = None,
 ) -> dict:
-    """Writes random bases + sigma adapters for `model` under `root`; returns the tensors for reference maths."""
+    """Writes random bases + sigma adapters for `model` under `root`; returns the tensors for reference maths.
+
+    `module_ranks` gives some modules their own rank (≤ r), as budgeted compression does."""
     gen = torch.Generator().manual_seed(seed)
     bases, sigmas = {}, {f"task-{i}": {} for i in range(n_adapters)}
     assignment = {f"task-{i}": i % clusters for i in range(n_adapters)}
+    module_ranks = module_ranks or {}
     for key, lin in target_linears(model).items():
-        U = torch.linalg.qr(torch.randn(clusters, lin.out_features, r, generator=gen))[0]
-        V = torch.linalg.qr(torch.randn(clusters, lin.in_features, r, generator=gen))[0]
+        k = module_ranks.get(key, r)
+        U = torch.linalg.qr(torch.randn(clusters, lin.out_features, k, generator=gen))[0]
+        V = torch.linalg.qr(torch.randn(clusters, lin.in_features, k, generator=gen))[0]
         bases[key] = (U.contiguous(), V.contiguous())
         for name in sigmas:
-            shape = (r, r) if sigma_type == "full" else (r,)
+            shape = (k, k) if sigma_type == "full" else (k,)
             sigmas[name][key] = sigma_scale * torch.randn(shape, generator=gen)
     config = BasesConfig(
         r=r,
@@ -79,6 +84,7 @@ def make_collection(
     for name, per_module in sigmas.items():
         adapter_config = JDLoraConfig(
             r=r,
+            rank_pattern=config.rank_pattern(),
             sigma_type=sigma_type,
             target_modules=TARGETS,
             bases="../../bases",

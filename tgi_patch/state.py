@@ -135,7 +135,9 @@ class JDServingState:
         clusters = torch.zeros(len(targets), dtype=torch.long)
         for layer_id, target in enumerate(targets):
             if target.module_key in sigmas:
-                sigma[layer_id] = sigmas[target.module_key]
+                # A module of lower rank (budgeted collections) fills the leading block; its bases are zero-padded.
+                module_sigma = sigmas[target.module_key]
+                sigma[(layer_id, *(slice(0, size) for size in module_sigma.shape))] = module_sigma
                 clusters[layer_id] = cluster_of(target.module_key)
         slot = self.slots.acquire(adapter_id)
         layer.add_adapter(slot, sigma, clusters)

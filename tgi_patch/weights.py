@@ -160,7 +160,7 @@ def build_layer_type(layer_type: str, targets: list[TargetLayer], bases: SharedB
     if not present:
         raise BasesNotFoundError(f"bases {bases.key.describe()} cover no {layer_type} module of this model.")
     max_clusters = max(bases.tensors[t.module_key][0].shape[0] for t in present)
-    r = bases.config.r
+    r = max(bases.tensors[t.module_key][0].shape[-1] for t in present)
     shards_u, shards_v, num_clusters = [], [], []
     for target in targets:
         if target.parallel != parallel:
@@ -175,6 +175,11 @@ def build_layer_type(layer_type: str, targets: list[TargetLayer], bases: SharedB
             U, V = bases.tensors[target.module_key]
             _check_layer_shapes(target, U, V, bases.key.describe())
             num_clusters.append(U.shape[0])
+            if U.shape[-1] < r:
+                # Budgeted collections give modules their own ranks: zero columns (and the zero Σ block they meet)
+                # leave the update unchanged and keep one stacked layout per layer type.
+                U = torch.cat([U, U.new_zeros(*U.shape[:-1], r - U.shape[-1])], dim=-1)
+                V = torch.cat([V, V.new_zeros(*V.shape[:-1], r - V.shape[-1])], dim=-1)
             if U.shape[0] < max_clusters:
                 pad = max_clusters - U.shape[0]
                 U = torch.cat([U, U.new_zeros(pad, *U.shape[1:])])

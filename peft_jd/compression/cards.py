@@ -20,6 +20,14 @@ TAGS = ["peft", "jdlora", "compress-then-serve", "lora"]
 MAX_TABLE_ROWS = 100
 
 
+
+def rank_text(bases_config: BasesConfig) -> str:
+    """`16`, or `4–24 per module` for a budgeted collection."""
+    if not bases_config.has_module_ranks():
+        return str(bases_config.r)
+    ranks = [bases_config.rank_of(key) for key in bases_config.modules]
+    return f"{min(ranks)}–{max(ranks)} per module"
+
 def human_size(num_bytes: int) -> str:
     size, unit = float(num_bytes), "B"
     for larger in ("kB", "MB", "GB"):
@@ -110,7 +118,7 @@ def sigma_card(
         ("base model", f"`{base_model}`" if base_model else "—"),
         ("shared bases", f"{_repo_link(bases_repo, bases_revision, bases_subfolder)} at commit `{bases_revision}`"),
         ("bases fingerprint (sha256)", f"`{bases_config.fingerprint}`"),
-        ("rank r / Σ", f"{bases_config.r} / {bases_config.sigma_type}"),
+        ("rank r / Σ", f"{rank_text(bases_config)} / {bases_config.sigma_type}"),
         ("cluster", "per module" if isinstance(cluster, dict) else str(cluster)),
         ("Σ file size", human_size(sigma_bytes)),
         ("compression report", _figures(report_figures(report)) if report else "—"),
@@ -155,7 +163,7 @@ def collection_card(
         "| bases | |\n|---|---|\n",
         f"| location | {_repo_link(title_repo, bases_revision, bases_folder)} at commit `{bases_revision}` |\n",
         f"| fingerprint (sha256) | `{bases_config.fingerprint}` |\n",
-        f"| rank r / Σ / method | {bases_config.r} / {bases_config.sigma_type} / {bases_config.method} |\n",
+        f"| rank r / Σ / method | {rank_text(bases_config)} / {bases_config.sigma_type} / {bases_config.method} |\n",
         f"| clusters / modules | {bases_config.num_clusters} / {len(bases_config.modules)} |\n",
         f"| size | {human_size(bases_bytes)} |\n",
         f"| report | {_figures(report.mean_figures()) if report else '—'} |\n\n",

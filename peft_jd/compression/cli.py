@@ -39,7 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "with `peft-jd add` that are not among --adapters (they are dropped)")
     compress.add_argument("--method", choices=("jd-full", "jd-diag", "svd"), default="jd-full",
                           help="jd-full: full k×k Σ (default); jd-diag: diagonal Σ; svd: per-adapter baseline")
-    compress.add_argument("--rank", type=int, default=None, help="rank k of the bases (default 16)")
+    compress.add_argument("--rank", type=int, default=None,
+                          help="rank k of the bases (default 16); with --budget, the largest rank of a module")
+    compress.add_argument("--budget", default=None,
+                          help="memory per adapter instead of one rank: a ratio to the LoRAs at fp16 ('16x') or "
+                          "bytes ('200000', '150KB'); ranks are then allocated per module to minimise the error")
     compress.add_argument("--clusters", type=int, default=None, help="clusters per module (default 1)")
     compress.add_argument("--target-error", type=float, default=None,
                           help="choose rank/clusters so the mean (‖ΔW−ΔŴ‖/‖ΔW‖)² on probe modules is at most this")
@@ -51,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument("--max-iter", type=int, default=100)
     compress.add_argument("--max-rounds", type=int, default=3, help="cluster reassignment rounds")
     compress.add_argument("--bases-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    compress.add_argument("--sigma-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                          help="storage dtype of the per-adapter Σ")
     compress.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an interrupted run")
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
     _hub_arguments(compress)
@@ -87,7 +93,8 @@ def _run_compress(args: argparse.Namespace) -> int:
         target_error=args.target_error, normalize=args.normalize, seed=args.seed, tol=args.tol,
         max_iter=args.max_iter, max_rounds=args.max_rounds, bases_dtype=args.bases_dtype, revision=args.revision,
         token=args.token, cache_dir=args.cache_dir, local_files_only=args.local_files_only, resume=args.resume,
-        progress=not args.quiet, probe_modules=args.probe_modules, overwrite=args.overwrite,
+        progress=not args.quiet, probe_modules=args.probe_modules, overwrite=args.overwrite, budget=args.budget,
+        sigma_dtype=args.sigma_dtype,
     )
     print(report.summary())
     print(f"wrote {args.out}")
@@ -131,8 +138,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
     console.print(f"[bold]{args.collection}[/bold]: {report.data.get('base_model_name_or_path')} · "
                   f"{', '.join(report.data['target_modules'])}")
     console.print(report.summary())
-    console.print(f"bases file {bases_bytes / 2**20:.1f} MiB · Σ {sizes['sigma_params_per_module']} values per "
+    console.print(f"bases file {bases_bytes / 2**20:.1f} MiB · Σ {sizes['sigma_params_per_module']:.4g} values per "
                   f"module per adapter · settings {json.dumps(s)}")
+    if "bytes" in sizes:
+        memory = sizes["bytes"]
+        console.print(f"bytes per adapter {memory['bytes_per_adapter']:,.0f} (bases amortised) vs "
+                      f"{memory['lora_bytes_per_adapter']:,.0f} for a LoRA at fp16: {memory['memory_ratio']:.1f}× "
+                      "less")
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     limit = None if args.limit == 0 else args.limit
@@ -150,12 +162,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
         console.print(f"… {len(items) - limit} more (--limit 0 shows all)")
     if args.modules:
         modules = Table(title="modules")
-        for column in ("module", "in→out", "clusters", "sizes min/max", "mean err²", "iterations", "read s",
-                       "compress s"):
+        for column in ("module", "in→out", "rank", "clusters", "sizes min/max", "mean err²", "iterations",
+                       "read s", "compress s"):
             modules.add_column(column, justify="left" if column == "module" else "right")
         for key, module in list(report.modules.items())[:limit]:
             cluster_sizes = module.get("cluster_sizes") or [0]
-            modules.add_row(key, f"{module['in_features']}→{module['out_features']}", str(module["num_clusters"]),
+            modules.add_row(key, f"{module['in_features']}→{module['out_features']}",
+                            str(module.get("rank", s["rank"])), str(module["num_clusters"]),
                             f"{min(cluster_sizes)}/{max(cluster_sizes)}", f"{module['mean_err2']:.4f}",
                             str(module.get("iterations", "")), f"{module.get('seconds_read', 0):.2f}",
                             f"{module.get('seconds_compress', 0):.2f}")

@@ -27,18 +27,20 @@ from ..core import (
     write_bases,
     writer_lock,
 )
-from .algorithms import check_method, compress_stack, module_generator, sigma_type_of
+from .algorithms import check_method, compress_stack, module_generator, normalization_weights, sigma_type_of
 from .autoselect import auto_select
+from .budgeted import NESTED_NAMES, BudgetPlan, allocate, nested_from_tensors, nested_tensors, plan_budget
 from .cards import bases_card, collection_adapter_card
 from .lora_io import CollectionSpec, HubOptions, LoraAdapter, check_collection, load_loras
+from .nested import nest
 from .report import CompressionReport, adapter_entry
+from .sizes import STORAGE_DTYPES, Budget, bases_values, sigma_values
 from .stack import read_module_stack
 from .workdir import WorkDir, inputs_fingerprint
 from .writer import check_compress_destination, write_collection_adapter
 
 
 logger = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def natural_key(text: str) -> list[Any]:
@@ -89,6 +91,8 @@ def compress(
     progress: bool = True,
     probe_modules: int = 3,
     overwrite: bool = False,
+    budget: str | float | None = None,
+    sigma_dtype: str = "float32",
 ) -> CompressionReport:
     """Compresses a collection of PEFT LoRA adapters into shared bases plus one small sigma adapter each.
 
@@ -101,7 +105,8 @@ def compress(
             refused unless `overwrite=True`.
         method: `"jd-full"` (shared orthonormal U, V, full k×k Σ), `"jd-diag"` (diagonal Σ) or `"svd"` (per-adapter
             truncated SVD, no sharing: the baseline).
-        rank: Rank k of the bases (default 16, or chosen by `target_error`).
+        rank: Rank k of the bases (default 16, or chosen by `target_error`). With `budget`, the largest rank a module
+            may get (default: 1.5× (full Σ) or 2× (diagonal Σ) the uniform rank that meets the budget).
         clusters: Number of clusters per module (default 1, or chosen by `target_error`); ignored by `svd`.
         target_error: If set, choose the smallest rank (then cluster count) whose mean err² on a probe of modules
             is at most this value; explicit `rank`/`clusters` are kept fixed.
@@ -110,7 +115,7 @@ def compress(
         tol: Stop a solve when an iteration lowers the relative error by less than `tol` times itself.
         max_iter: Maximum iterations of a solve.
         max_rounds: Maximum reassignment rounds with clusters.
-        bases_dtype: dtype of the stored bases (`float32`, `bfloat16`, `float16`); Σ is always fp32.
+        bases_dtype: dtype of the stored bases (`float32`, `bfloat16`, `float16`).
         revision: Default Hub revision of Hub adapters.
         token: Hub token.
         cache_dir: Hub cache folder.
@@ -119,14 +124,24 @@ def compress(
         progress: Show progress bars.
         probe_modules: Modules used by `target_error`.
         overwrite: Replace `out_dir` whatever it holds (see `out_dir`).
+        budget: Memory budget per adapter instead of one rank for all modules: a ratio to the LoRAs (`"16x"`: 1/16
+            of their bytes at fp16) or bytes per adapter (`200000`, `"150KB"`), counting Σ, `modules_to_save` and
+            the adapter's share of the bases (`bases bytes / n`). The rank of every module is then chosen to
+            minimise the mean err² under the budget (see `docs/compression.md`) and recorded in the format.
+        sigma_dtype: dtype of the stored Σ (`float32`, `bfloat16`, `float16`).
 
     Returns:
         The [`CompressionReport`] (also written to `out_dir/report.json`).
     """
     start = time.perf_counter()
     check_method(method)
-    if bases_dtype not in _DTYPES:
-        raise UsageError(f"bases_dtype must be one of {sorted(_DTYPES)}, got {bases_dtype!r}.")
+    for what, value in (("bases_dtype", bases_dtype), ("sigma_dtype", sigma_dtype)):
+        if value not in STORAGE_DTYPES:
+            raise UsageError(f"{what} must be one of {sorted(STORAGE_DTYPES)}, got {value!r}.")
+    if budget is not None and (target_error is not None or method == "svd"):
+        raise UsageError("budget chooses the ranks itself: it cannot be combined with target_error, and the svd "
+                         "baseline shares nothing to budget; drop one of them.")
+    budget = Budget.parse(budget) if budget is not None else None
     out_dir = Path(os.path.abspath(out_dir))
     hub = HubOptions(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     loras = load_loras(adapters, hub)
@@ -141,11 +156,20 @@ def compress(
                 loras, module_keys, method, target_error, rank=rank, clusters=clusters, normalize=normalize,
                 seed=seed, tol=tol, max_iter=max_iter, max_rounds=max_rounds, probe_modules=probe_modules,
                 progress=progress)
-        rank = 16 if rank is None else int(rank)
         clusters = 1 if clusters is None or method == "svd" else max(1, int(clusters))
-        check_rank(rank, spec)
+        plan = None
+        if budget is not None:
+            plan = plan_budget(budget, loras, spec, sigma_type_of(method), clusters, sigma_dtype, bases_dtype,
+                               None if rank is None else int(rank))
+            rank = max(plan.max_ranks.values())
+        rank = 16 if rank is None else int(rank)
+        if plan is None:
+            check_rank(rank, spec)
         settings = {"method": method, "rank": rank, "clusters": clusters, "normalize": normalize, "seed": seed,
-                    "tol": tol, "max_iter": max_iter, "max_rounds": max_rounds, "bases_dtype": bases_dtype}
+                    "tol": tol, "max_iter": max_iter, "max_rounds": max_rounds, "bases_dtype": bases_dtype,
+                    "sigma_dtype": sigma_dtype}
+        if plan is not None:
+            settings.update(plan.settings())
         work = WorkDir(out_dir, {"settings": settings, "inputs": inputs_fingerprint(loras), "modules": module_keys},
                        resume=resume)
         bar = tqdm(module_keys, desc=f"compress ({method}, k={rank}, c={clusters})", unit="module",
@@ -156,22 +180,54 @@ def compress(
             t0 = time.perf_counter()
             stack = read_module_stack(loras, module_key)
             t1 = time.perf_counter()
-            result = compress_stack(stack, method, rank, clusters, normalize=normalize, tol=tol, max_iter=max_iter,
-                                    max_rounds=max_rounds, generator=module_generator(seed, module_key))
-            del stack
+            module_rank = rank if plan is None else min(plan.max_ranks[module_key], stack.n * stack.r)
+            result = compress_stack(stack, method, module_rank, clusters, normalize=normalize, tol=tol,
+                                    max_iter=max_iter, max_rounds=max_rounds,
+                                    generator=module_generator(seed, module_key))
             info = {"seconds_read": t1 - t0, "seconds_compress": result.seconds, "iterations": result.iterations,
                     "rounds": result.rounds, "history": result.history[-50:]}
-            work.save(index, module_key, result, info)
+            if plan is None:
+                work.save(index, module_key, result, info)
+            else:
+                t2 = time.perf_counter()
+                nested = nest(result, stack, method == "jd-diag", normalization_weights(stack, normalize))
+                info["seconds_compress"] += time.perf_counter() - t2
+                work.save_tensors(index, module_key, nested_tensors(nested), info)
+            del stack
             bar.set_postfix(err2=f"{float(result.err2.mean()):.3f}")
-        report = _assemble(out_dir, work, loras, spec, module_keys, settings, selection, start, overwrite)
+        ranks = _allocate(plan, work, module_keys, spec, settings)
+        report = _assemble(out_dir, work, loras, spec, module_keys, settings, selection, start, overwrite, ranks)
         work.cleanup()
     logger.info("%s", report.summary())
     return report
 
 
+def _allocate(plan: BudgetPlan | None, work: WorkDir, module_keys: list[str], spec: CollectionSpec,
+              settings: dict[str, Any]) -> dict[str, int] | None:
+    """Budgeted runs: the rank of every module, from the error curves of the finished modules (else `None`)."""
+    if plan is None:
+        return None
+    curves = {key: work.load(index, key, ("err2",))[0]["err2"].mean(0) for index, key in enumerate(module_keys)}
+    allocation = allocate(plan, curves, spec.module_shapes)
+    settings["rank"] = max(allocation.ranks.values())
+    settings["allocated_bytes_per_adapter"] = round(allocation.bytes_per_adapter, 1)
+    return allocation.ranks
+
+
+def _module_result(work: WorkDir, index: int, module_key: str, ranks: dict[str, int] | None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A finished module's tensors (`U`, `V`, `sigma`, `cluster`, `err2`), truncated to its rank in budgeted runs."""
+    if ranks is None:
+        return work.load(index, module_key)
+    tensors, info = work.load(index, module_key, NESTED_NAMES)
+    result = nested_from_tensors(tensors).truncate(ranks[module_key])
+    return {"U": result.U, "V": result.V, "sigma": result.sigma, "cluster": result.cluster,
+            "err2": result.err2}, info
+
+
 def _assemble(out_dir: Path, work: WorkDir, loras: list[LoraAdapter], spec: CollectionSpec, module_keys: list[str],
               settings: dict[str, Any], selection: dict[str, Any] | None, start: float,
-              overwrite: bool) -> CompressionReport:
+              overwrite: bool, ranks: dict[str, int] | None = None) -> CompressionReport:
     """Writes `bases/`, every sigma adapter and `report.json` into a temporary folder, swapped in as `out_dir`."""
     t_write = time.perf_counter()
     method, rank = settings["method"], settings["rank"]
@@ -182,8 +238,8 @@ def _assemble(out_dir: Path, work: WorkDir, loras: list[LoraAdapter], spec: Coll
     errors2: dict[str, dict[str, float]] = {a.name: {} for a in loras}
     modules: dict[str, dict[str, Any]] = {}
     for index, module_key in enumerate(module_keys):
-        tensors, info = work.load(index, module_key)
-        dtype = _DTYPES[settings["bases_dtype"]]
+        tensors, info = _module_result(work, index, module_key, ranks)
+        dtype = STORAGE_DTYPES[settings["bases_dtype"]]
         bases[module_key] = (tensors["U"].to(dtype), tensors["V"].to(dtype))
         cluster, err2 = tensors["cluster"].tolist(), tensors["err2"].tolist()
         for i, adapter in enumerate(loras):
@@ -192,14 +248,15 @@ def _assemble(out_dir: Path, work: WorkDir, loras: list[LoraAdapter], spec: Coll
             errors2[adapter.name][module_key] = err2[i]
         in_features, out_features = spec.module_shapes[module_key]
         modules[module_key] = {"in_features": in_features, "out_features": out_features,
-                               "num_clusters": int(tensors["U"].shape[0]),
+                               "rank": int(tensors["U"].shape[-1]), "num_clusters": int(tensors["U"].shape[0]),
                                "cluster_sizes": torch.bincount(tensors["cluster"]).tolist(),
                                "mean_err2": sum(err2) / len(err2), **info}
-    sigma_size = rank * rank if sigma_type == "full" else rank
-    bases_params = sum(U.shape[0] * rank * (U.shape[1] + V.shape[1]) for U, V in bases.values())
+    sigma_params = sum(sigma_values(U.shape[-1], sigma_type) for U, _ in bases.values())
+    bases_params = sum(bases_values(U.shape[-1], U.shape[0], V.shape[1], U.shape[1]) for U, V in bases.values())
+    sigma_size = sigma_params / max(1, len(bases))
     entries = {
-        a.name: adapter_entry(a.source, errors2[a.name], clusters[a.name], a.lora_params(),
-                              sigma_size * len(module_keys), saved_params=a.saved_params())
+        a.name: adapter_entry(a.source, errors2[a.name], clusters[a.name], a.lora_params(), sigma_params,
+                              saved_params=a.saved_params())
         for a in loras
     }
     report = CompressionReport.build(settings, spec.base_model_name_or_path, spec.target_modules, spec.task_type,
@@ -215,7 +272,8 @@ def _assemble(out_dir: Path, work: WorkDir, loras: list[LoraAdapter], spec: Coll
         del bases
         for adapter in loras:
             write_collection_adapter(tmp, adapter, sigmas.pop(adapter.name), clusters[adapter.name], bases_config,
-                                     target_modules, spec.task_type, collection_adapter_card(adapter.name, report))
+                                     target_modules, spec.task_type, collection_adapter_card(adapter.name, report),
+                                     sigma_dtype=STORAGE_DTYPES[settings["sigma_dtype"]])
         report.timings.update({
             "total_s": time.perf_counter() - start,
             "read_s": sum(m["seconds_read"] for m in modules.values()),

@@ -42,6 +42,7 @@ from .cards import collection_adapter_card
 from .engine import jd_target_modules, natural_key
 from .lora_io import CollectionSpec, HubOptions, LoraAdapter, check_collection, load_loras
 from .report import CompressionReport, adapter_entry
+from .sizes import STORAGE_DTYPES, bases_values, sigma_values
 from .stack import read_module_stack
 from .writer import link_tree, stray_adapters, write_collection_adapter
 
@@ -116,10 +117,10 @@ def extend_collection(
         diagonal = bases_config.sigma_type == "diag"
         sigmas, clusters, errors2 = _project(collection, loras, module_keys, diagonal, progress)
         target_modules = _existing_target_modules(collection) or jd_target_modules(loras, spec)
-        sigma_size = bases_config.r**2 if not diagonal else bases_config.r
+        sigma_params = sum(sigma_values(bases_config.rank_of(key), bases_config.sigma_type) for key in module_keys)
         for adapter in loras:
             entry = adapter_entry(adapter.source, errors2[adapter.name], clusters[adapter.name],
-                                  adapter.lora_params(), sigma_size * len(module_keys), added=True,
+                                  adapter.lora_params(), sigma_params, added=True,
                                   saved_params=adapter.saved_params())
             report.adapters[adapter.name] = entry
             if entry["mean_err2"] > warn_error:
@@ -130,9 +131,9 @@ def extend_collection(
                 )
                 warnings.warn(message, UserWarning, stacklevel=2)
                 report.warnings.append(message)
-        bases_params = sum(m.num_clusters * bases_config.r * (m.in_features + m.out_features)
-                           for m in bases_config.modules.values())
-        report.refresh(bases_params, sigma_size)
+        bases_params = sum(bases_values(bases_config.rank_of(key), m.num_clusters, m.in_features, m.out_features)
+                           for key, m in bases_config.modules.items())
+        report.refresh(bases_params, sigma_params / max(1, len(module_keys)))
         report.timings.setdefault("add_s", []).append(time.perf_counter() - start)
         # The collection is checked above, so it is replaced even without a marker (written before markers existed).
         with atomic_directory(collection, overwrite=True, kind=KIND_COLLECTION) as tmp:
@@ -140,7 +141,9 @@ def extend_collection(
             for adapter in loras:
                 write_collection_adapter(tmp, adapter, sigmas.pop(adapter.name), clusters[adapter.name], bases_config,
                                          target_modules, spec.task_type,
-                                         collection_adapter_card(adapter.name, report))
+                                         collection_adapter_card(adapter.name, report),
+                                         sigma_dtype=STORAGE_DTYPES[report.data["settings"].get("sigma_dtype",
+                                                                                                "float32")])
             report.save(report_path(tmp))
     report.path = report_path(collection)
     return report

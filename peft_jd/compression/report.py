@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..core import REPORT_NAME, AdapterFormatError, atomic_write_json, read_json_object
+from .sizes import REFERENCE_BYTES, dtype_bytes
 
 
 REPORT_FORMAT = "peft-jd-compression-report"
@@ -128,6 +129,7 @@ class CompressionReport:
             sum(e["sigma_params"] for e in entries.values()), sigma_size,
             saved_params=sum(e.get("saved_params", 0) for e in entries.values()),
         )
+        self.data["sizes"]["bytes"] = bytes_entry(self.data["sizes"], len(entries), self.data["settings"])
 
     # ---------------------------------------------------------------------------------------------- accessors
     @property
@@ -198,6 +200,10 @@ class CompressionReport:
             f"{sizes['lora_params']:,} LoRA parameters → {sizes['bases_params']:,} shared + "
             f"{sizes['sigma_params']:,} Σ (ratio {sizes['compression_ratio']:.2f}×)"
         )
+        if "bytes" in sizes:
+            memory = sizes["bytes"]
+            text += (f"; {memory['bytes_per_adapter']:,.0f} bytes per adapter with the bases amortised, "
+                     f"{memory['memory_ratio']:.1f}× less than the LoRAs at fp16")
         if sizes.get("saved_params"):
             text += f"; {sizes['saved_params']:,} modules_to_save parameters kept uncompressed"
         if "total_s" in self.timings:
@@ -253,6 +259,27 @@ def adapter_entry(source: str, errors2: dict[str, float], clusters: dict[str, in
         "added": added,
         "err2": errors2,
         "err": {key: value**0.5 for key, value in errors2.items()},
+    }
+
+
+def bytes_entry(sizes: Mapping[str, Any], num_adapters: int, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Bytes of a collection as stored (Σ and bases in their storage dtypes), against its LoRAs at fp16; the bases
+    are amortised over the adapters in the per-adapter figures. `modules_to_save` count 2 bytes per value on both
+    sides."""
+    sigma = sizes["sigma_params"] * dtype_bytes(settings.get("sigma_dtype", "float32"))
+    bases = sizes["bases_params"] * dtype_bytes(settings.get("bases_dtype", "float32"))
+    saved = sizes.get("saved_params", 0) * REFERENCE_BYTES
+    lora = sizes["lora_params"] * REFERENCE_BYTES
+    n = max(1, num_adapters)
+    return {
+        "lora_fp16_bytes": lora,
+        "bases_bytes": bases,
+        "sigma_bytes": sigma,
+        "saved_bytes": saved,
+        "lora_bytes_per_adapter": lora / n,
+        "bytes_per_adapter": (sigma + bases + saved) / n,
+        "memory_ratio": lora / max(1, sigma + bases),
+        "total_memory_ratio": (lora + saved) / max(1, sigma + bases + saved),
     }
 
 

@@ -93,14 +93,20 @@ class WorkDir:
     def save(self, index: int, module_key: str, result: CompressionResult, info: dict[str, Any]) -> None:
         """Stores one module's result atomically (temporary file + rename)."""
         tensors = {
-            "U": result.U.contiguous(),
-            "V": result.V.contiguous(),
-            "sigma": result.sigma.float().contiguous(),
-            "cluster": result.cluster.long().contiguous(),
-            "err2": result.err2.double().contiguous(),
+            "U": result.U,
+            "V": result.V,
+            "sigma": result.sigma.float(),
+            "cluster": result.cluster.long(),
+            "err2": result.err2.double(),
         }
+        self.save_tensors(index, module_key, tensors, info)
+
+    def save_tensors(self, index: int, module_key: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]
+                     ) -> None:
+        """Stores any named tensors of one module atomically (budgeted runs keep their nested solutions)."""
         metadata = {"module_key": module_key, "info": json.dumps(info)}
-        atomic_write_bytes(self.module_path(index, module_key), save(tensors, metadata=metadata))
+        contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
+        atomic_write_bytes(self.module_path(index, module_key), save(contiguous, metadata=metadata))
 
     def load(self, index: int, module_key: str, names: tuple[str, ...] = ("U", "V", "sigma", "cluster", "err2")
              ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -110,7 +116,7 @@ class WorkDir:
             if metadata.get("module_key") != module_key:
                 raise AdapterFormatError(f"{self.module_path(index, module_key)} holds "
                                          f"{metadata.get('module_key')!r}; rerun with --no-resume.")
-            tensors = {name: handle.get_tensor(name) for name in names}
+            tensors = {name: handle.get_tensor(name) for name in names if name in handle.keys()}
         return tensors, json.loads(metadata["info"])
 
     def cleanup(self) -> None:

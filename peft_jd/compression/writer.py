@@ -57,6 +57,7 @@ def write_collection_adapter(
     target_modules: list[str] | str,
     task_type: str | None,
     card: str,
+    sigma_dtype: torch.dtype = torch.float32,
 ) -> None:
     """Writes `root/adapters/<adapter.name>/`: Σ per module, its clusters, the relative bases reference with the
     bases fingerprint, and the adapter's `modules_to_save` tensors carried over uncompressed.
@@ -70,15 +71,17 @@ def write_collection_adapter(
         target_modules: `target_modules` of the sigma adapter.
         task_type: PEFT task type.
         card: Its README.md.
+        sigma_dtype: Storage dtype of Σ.
     """
     config = JDLoraConfig(
-        r=bases_config.r, sigma_type=bases_config.sigma_type, target_modules=target_modules, bases=RELATIVE_BASES,
+        r=bases_config.r, rank_pattern=bases_config.rank_pattern(), sigma_type=bases_config.sigma_type,
+        target_modules=target_modules, bases=RELATIVE_BASES,
         bases_fingerprint=bases_config.fingerprint, cluster=cluster_value(clusters),
         base_model_name_or_path=bases_config.base_model_name_or_path, task_type=task_type, inference_mode=True,
         modules_to_save=adapter.modules_to_save,
     )
     write_sigma_adapter(adapter_dir(root, adapter.name), sigmas, config, readme=card,
-                        saved_tensors=adapter.read_saved_tensors())
+                        saved_tensors=adapter.read_saved_tensors(), dtype=sigma_dtype)
 
 
 # ------------------------------------------------------------------------------------------------- destinations

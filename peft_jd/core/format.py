@@ -36,16 +36,27 @@ from .layout import (
 )
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Collections whose modules all have the config's rank are written as version 1, readable by older peft-jd.
+UNIFORM_RANK_VERSION = 1
 
 
 @dataclass
 class ModuleBasesSpec:
-    """Shapes of one module's bases."""
+    """Shapes of one module's bases.
+
+    Args:
+        in_features: Input size of the module.
+        out_features: Output size of the module.
+        num_clusters: Number of (U, V) pairs of the module.
+        r: Rank of this module's bases when it differs from the collection's `r` (budgeted compression allocates
+            ranks per module); `None` means the collection's `r`.
+    """
 
     in_features: int
     out_features: int
     num_clusters: int
+    r: int | None = None
 
 
 @dataclass
@@ -53,7 +64,7 @@ class BasesConfig:
     """Content of `jd_bases_config.json`.
 
     Args:
-        r: Shared rank k of U and V.
+        r: Rank k of U and V; with per-module ranks (`modules[key].r`), the largest of them.
         sigma_type: `"full"` (k×k Σ per adapter) or `"diag"` (k-vector Σ per adapter).
         num_clusters: Largest number of clusters of any module.
         base_model_name_or_path: Base model the LoRAs were trained on.
@@ -72,11 +83,27 @@ class BasesConfig:
     modules: dict[str, ModuleBasesSpec]
     fingerprint: str = ""
     method: str = "jd-full"
-    format_version: int = FORMAT_VERSION
+    format_version: int = UNIFORM_RANK_VERSION
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def rank_of(self, module_key: str) -> int:
+        """Rank of the bases of `module_key` (its own rank, or the collection's `r`)."""
+        module = self.modules.get(module_key)
+        return self.r if module is None or module.r is None else module.r
+
+    def has_module_ranks(self) -> bool:
+        """True when some module's rank differs from `r` (a budgeted collection)."""
+        return any(m.r is not None and m.r != self.r for m in self.modules.values())
+
+    def rank_pattern(self) -> dict[str, int]:
+        """Module key → rank for the modules whose rank differs from `r` (PEFT's `rank_pattern` convention)."""
+        return {key: m.r for key, m in self.modules.items() if m.r is not None and m.r != self.r}
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        for module in out["modules"].values():
+            if module["r"] is None or module["r"] == self.r:
+                del module["r"]
         out["format"] = "peft-jd-bases"
         return out
 
@@ -137,17 +164,21 @@ def write_bases(
     for module_key, (U, V) in bases.items():
         if U.dim() == 2:
             U, V = U.unsqueeze(0), V.unsqueeze(0)
-        if U.shape[0] != V.shape[0] or U.shape[-1] != config.r or V.shape[-1] != config.r:
+        if U.shape[0] != V.shape[0] or U.shape[-1] != V.shape[-1] or not 0 < U.shape[-1] <= config.r:
             raise ValueError(
-                f"bases of {module_key}: U {tuple(U.shape)} and V {tuple(V.shape)} disagree with r={config.r}"
+                f"bases of {module_key}: U {tuple(U.shape)} and V {tuple(V.shape)} disagree (each module's rank must "
+                f"be the same in U and V and at most r={config.r})"
             )
         check_finite(U, f"bases U of module {module_key}")
         check_finite(V, f"bases V of module {module_key}")
         tensors[f"{module_key}.U"] = U.detach().to("cpu").contiguous()
         tensors[f"{module_key}.V"] = V.detach().to("cpu").contiguous()
-        modules[module_key] = ModuleBasesSpec(in_features=V.shape[1], out_features=U.shape[1], num_clusters=U.shape[0])
+        rank = U.shape[-1] if U.shape[-1] != config.r else None
+        modules[module_key] = ModuleBasesSpec(in_features=V.shape[1], out_features=U.shape[1],
+                                              num_clusters=U.shape[0], r=rank)
     config.modules = modules
     config.num_clusters = max((m.num_clusters for m in modules.values()), default=1)
+    config.format_version = FORMAT_VERSION if config.has_module_ranks() else UNIFORM_RANK_VERSION
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, tmp / BASES_WEIGHTS_NAME, metadata={"format": "peft-jd-bases"})
         config.fingerprint = file_sha256(tmp / BASES_WEIGHTS_NAME)
@@ -191,6 +222,7 @@ def write_sigma_adapter(
     config: Any,
     readme: str | None = None,
     saved_tensors: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Writes a PEFT-loadable sigma adapter directory atomically.
 
@@ -200,11 +232,14 @@ def write_sigma_adapter(
         config: The adapter's `JDLoraConfig` (or its dict).
         readme: Optional model card text written as `README.md`.
         saved_tensors: Tensors of the config's `modules_to_save`, by their PEFT file key, stored as they are.
+        dtype: Storage dtype of Σ (float32, or float16/bfloat16 to halve the adapter's bytes).
     """
     tensors = {}
     for module_key, sigma in sigmas.items():
         check_finite(sigma, f"Σ of module {module_key} (adapter {out_dir})")
-        tensors[sigma_state_dict_key(module_key)] = sigma.detach().to("cpu", torch.float32).contiguous()
+        stored = sigma.detach().to("cpu", dtype).contiguous()
+        check_finite(stored, f"Σ of module {module_key} stored as {dtype} (adapter {out_dir}; it overflows the dtype)")
+        tensors[sigma_state_dict_key(module_key)] = stored
     for key, tensor in (saved_tensors or {}).items():
         if key in tensors:
             raise AdapterFormatError(f"adapter {out_dir}: modules_to_save tensor {key!r} clashes with a Σ key.")

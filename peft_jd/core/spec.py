@@ -75,7 +75,9 @@ class AdapterSpec:
 
     Args:
         name: Name of the adapter (used in messages and as its serving name).
-        r: Shared rank of the bases.
+        r: Rank of the bases (the largest, when modules have their own ranks).
+        rank_pattern: Module key → rank for the modules whose rank differs from `r` (budgeted collections; PEFT's
+            `rank_pattern` convention with exact module keys).
         sigma_type: `"full"` (r×r Σ) or `"diag"` (r-vector Σ).
         scaling: Multiplier of the update `U Σ Vᵀ`.
         bases: Local path or Hub repo id of the shared bases, already resolved if it was relative.
@@ -94,6 +96,7 @@ class AdapterSpec:
     r: int
     sigma_type: str
     scaling: float = 1.0
+    rank_pattern: dict[str, int] = field(default_factory=dict)
     bases: Optional[str] = None
     bases_revision: Optional[str] = None
     bases_subfolder: Optional[str] = None
@@ -130,6 +133,10 @@ class AdapterSpec:
                 f"{where}: `cluster` must be an int or a map of module key to int, got {cluster!r}."
             )
         scaling = _typed(config, "scaling", (int, float), 1.0, where)
+        rank_pattern = _typed(config, "rank_pattern", (dict,), None, where) or {}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v for v in rank_pattern.values()):
+            raise AdapterFormatError(f"{where}: `rank_pattern` must map module keys to positive ints, got "
+                                     f"{rank_pattern!r}.")
         strings = {
             key: _typed(config, key, (str,), None, where)
             for key in ("bases", "bases_revision", "bases_subfolder", "bases_fingerprint", "base_model_name_or_path")
@@ -140,6 +147,7 @@ class AdapterSpec:
             r=r,
             sigma_type=sigma_type,
             scaling=float(1.0 if scaling is None else scaling),
+            rank_pattern=dict(rank_pattern),
             cluster=dict(cluster) if isinstance(cluster, Mapping) else cluster,
             modules_to_save=sorted(modules_to_save) if modules_to_save else None,
             source=source,
@@ -181,9 +189,14 @@ class AdapterSpec:
         """Cluster of this adapter for `module_key`."""
         return cluster_for(self.cluster, module_key, self.name)
 
-    def sigma_shape(self) -> tuple[int, ...]:
-        """Shape every Σ of this adapter must have."""
-        return (self.r, self.r) if self.sigma_type == "full" else (self.r,)
+    def rank_of(self, module_key: str) -> int:
+        """Rank of this adapter's Σ for `module_key`."""
+        return self.rank_pattern.get(module_key, self.r)
+
+    def sigma_shape(self, module_key: str | None = None) -> tuple[int, ...]:
+        """Shape the Σ of `module_key` must have (of a module with the adapter's `r` when not given)."""
+        r = self.r if module_key is None else self.rank_of(module_key)
+        return (r, r) if self.sigma_type == "full" else (r,)
 
     @property
     def weights_path(self) -> Optional[str]:

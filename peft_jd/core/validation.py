@@ -112,6 +112,12 @@ def validate_against_bases(
         )
     if spec.r != bases_config.r:
         raise ShapeMismatchError(f"{who} has r={spec.r} but bases {label} have rank {bases_config.r}.")
+    for module_key in sigmas:
+        if module_key in bases_config.modules and spec.rank_of(module_key) != bases_config.rank_of(module_key):
+            raise ShapeMismatchError(
+                f"{who} has rank {spec.rank_of(module_key)} for module {module_key} but bases {label} have rank "
+                f"{bases_config.rank_of(module_key)} there; its `rank_pattern` belongs to another collection."
+            )
     expected = spec.bases_fingerprint
     if expected and bases_config.fingerprint and expected != bases_config.fingerprint:
         raise BasesMismatchError(
@@ -121,7 +127,6 @@ def validate_against_bases(
         )
     if not sigmas:
         raise AdapterFormatError(f"{who} ({spec.source}) holds no Σ tensor.")
-    want = spec.sigma_shape()
     for module_key, sigma in sigmas.items():
         module = bases_config.modules.get(module_key)
         if module is None:
@@ -130,9 +135,11 @@ def validate_against_bases(
                 "another collection (or targets a module that was not compressed)."
             )
         shape = tuple(sigma.shape) if isinstance(sigma, torch.Tensor) else tuple(sigma)
+        want = spec.sigma_shape(module_key)
         if shape != want:
             raise ShapeMismatchError(
-                f"Σ of {who} for module {module_key} has shape {shape}, expected {want} (r={spec.r}, "
+                f"Σ of {who} for module {module_key} has shape {shape}, expected {want} "
+                f"(r={spec.rank_of(module_key)}, "
                 f"sigma_type={spec.sigma_type!r})."
             )
         cluster = spec.cluster_of(module_key)

@@ -23,6 +23,9 @@ class JDLoraConfig(PeftConfig):
     Args:
         r (`int`):
             Shared rank k of the bases (Σ is `r×r` for `sigma_type="full"`, an `r`-vector for `"diag"`).
+        rank_pattern (`dict[str, int]`):
+            Module key → rank, for the modules whose rank differs from `r` (budgeted compression allocates ranks per
+            module). Keys are exact module names, as the compressor writes them.
         sigma_type (`str`):
             `"full"` or `"diag"`.
         target_modules (`Union[list[str], str]`):
@@ -50,6 +53,8 @@ class JDLoraConfig(PeftConfig):
     """
 
     r: int = field(default=16, metadata={"help": "Shared rank of the bases."})
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Module key -> rank, where it "
+                                                                           "differs from r."})
     sigma_type: Literal["full", "diag"] = field(default="full", metadata={"help": "'full' or 'diag' Σ."})
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or regex of the adapted modules."}

@@ -123,8 +123,8 @@ class JDLoraModel(SigmaLoadingMixin, MixedBatchMixin, BaseTuner):
         shared = self._bases_for(spec)
         planned = self._planned_targets(config, model)
         if planned:  # all modules at once, so that a bad adapter leaves the model untouched
-            shape = spec.sigma_shape()
-            validate_against_bases(spec, dict.fromkeys(planned, shape), shared.config, shared.key.describe())
+            shapes = {key: spec.sigma_shape(key) for key in planned}
+            validate_against_bases(spec, shapes, shared.config, shared.key.describe())
         self._injecting = (spec, shared)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -154,7 +154,8 @@ class JDLoraModel(SigmaLoadingMixin, MixedBatchMixin, BaseTuner):
             raise ValueError("Current Key shouldn't be `None`")
         spec, shared = self._injecting
         # Shapes only: the weights are checked when PEFT hands them over (`_remap_adapter_state_dict_for_load`).
-        validate_against_bases(spec, {current_key: spec.sigma_shape()}, shared.config, shared.key.describe())
+        shapes = {current_key: spec.sigma_shape(current_key)}
+        validate_against_bases(spec, shapes, shared.config, shared.key.describe())
         if isinstance(target, JDLoraLayer):
             layer = target
         else:

@@ -1,0 +1,121 @@
+"""`compress(budget=…)`: ranks allocated per module under a memory budget per adapter.
+
+Three steps, all inside `compress`'s resumable module loop:
+
+1. `plan_budget`: the budget in bytes per adapter, the uniform rank that meets it, and the largest rank a module may
+   get (`rank`, or `MAX_RANK_FACTOR` × the uniform rank);
+2. per module, one solve at that largest rank, reordered into nested components (`nested.nest`) whose error is known
+   for every smaller rank;
+3. `allocate_ranks` picks the rank of every module from those error curves and the cost model (`sizes`), and each
+   module is truncated to its rank when the collection is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core import UsageError
+from .allocation import Allocation, allocate_ranks
+from .lora_io import CollectionSpec, LoraAdapter
+from .nested import NestedModule
+from .sizes import REFERENCE_BYTES, Budget, StorageCost
+
+
+logger = logging.getLogger(__name__)
+
+# Largest rank a module may get, as a multiple of the uniform rank meeting the budget: a full-Σ module at 1.5× the
+# uniform rank costs 2.25× its share, a diagonal one at 2× costs 2×. Larger caps rarely win and cost solve time.
+MAX_RANK_FACTOR = {"full": 1.5, "diag": 2.0}
+NESTED_NAMES = ("U", "V", "sigma", "cluster", "err2", "projections")
+
+
+@dataclass
+class BudgetPlan:
+    """What a budgeted run needs before the module loop.
+
+    Args:
+        budget: The budget as given.
+        bytes_per_adapter: The budget in bytes per adapter available to Σ and bases (modules_to_save excluded).
+        lora_bytes_per_adapter: Mean bytes of one input LoRA at fp16 (factors only).
+        uniform_rank: Largest rank that fits the budget when every module has it.
+        max_ranks: Module key → the rank its solve runs at (the largest it may get).
+        cost: The cost model.
+        clusters: Clusters per module.
+    """
+
+    budget: Budget
+    bytes_per_adapter: float
+    lora_bytes_per_adapter: float
+    uniform_rank: int
+    max_ranks: dict[str, int]
+    cost: StorageCost
+    clusters: int
+
+    def module_costs(self, module_key: str, shapes: tuple[int, int]) -> list[float]:
+        """Bytes per adapter of `module_key` at ranks 1..K."""
+        in_features, out_features = shapes
+        return [self.cost.module_bytes(k, self.clusters, in_features, out_features)
+                for k in range(1, self.max_ranks[module_key] + 1)]
+
+    def settings(self) -> dict[str, Any]:
+        return {"budget": self.budget.describe(), "budget_bytes_per_adapter": round(self.bytes_per_adapter, 1),
+                "lora_bytes_per_adapter": round(self.lora_bytes_per_adapter, 1), "uniform_rank": self.uniform_rank}
+
+
+def plan_budget(budget: Budget, loras: list[LoraAdapter], spec: CollectionSpec, sigma_type: str, clusters: int,
+                sigma_dtype: str, bases_dtype: str, max_rank: int | None) -> BudgetPlan:
+    """Resolves the budget and the largest rank of every module (see the module docstring)."""
+    n = len(loras)
+    lora_bytes = REFERENCE_BYTES * sum(a.lora_params() for a in loras) / n
+    saved_bytes = REFERENCE_BYTES * sum(a.saved_params() for a in loras) / n
+    available = budget.resolve(lora_bytes) - saved_bytes
+    cost = StorageCost(sigma_type, n, sigma_dtype, bases_dtype)
+
+    def total(rank: int) -> float:
+        return sum(cost.module_bytes(min(rank, min(shape)), clusters, *shape) for shape in spec.module_shapes.values())
+
+    if total(1) > available:
+        raise UsageError(
+            f"budget {budget.describe()} ({available:,.0f} bytes per adapter for Σ and bases) is below the smallest "
+            f"collection of these {n} adapters (rank 1 everywhere: {total(1):,.0f} bytes); give a larger budget, "
+            "store Σ/bases in float16, or compress more adapters together."
+        )
+    cap = max(min(shape) for shape in spec.module_shapes.values())
+    uniform = 1
+    while uniform < cap and total(uniform + 1) <= available:
+        uniform += 1
+    largest = max_rank or max(uniform + 1, math.ceil(MAX_RANK_FACTOR[sigma_type] * uniform))
+    max_ranks = {key: max(1, min(largest, min(shape))) for key, shape in spec.module_shapes.items()}
+    logger.info("budget %s: %.0f bytes per adapter; uniform rank %d; modules solved at rank ≤ %d",
+                budget.describe(), available, uniform, largest)
+    return BudgetPlan(budget, available, lora_bytes, uniform, max_ranks, cost, clusters)
+
+
+def nested_tensors(nested: NestedModule) -> dict[str, torch.Tensor]:
+    """The work-folder tensors of a nested module."""
+    tensors = {"U": nested.U, "V": nested.V, "sigma": nested.sigma, "cluster": nested.cluster.long(),
+               "err2": nested.err2}
+    if nested.projections is not None:
+        tensors["projections"] = nested.projections
+    return tensors
+
+
+def nested_from_tensors(tensors: dict[str, torch.Tensor]) -> NestedModule:
+    return NestedModule(U=tensors["U"], V=tensors["V"], sigma=tensors["sigma"], cluster=tensors["cluster"],
+                        err2=tensors["err2"], projections=tensors.get("projections"))
+
+
+def allocate(plan: BudgetPlan, curves: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> Allocation:
+    """Ranks per module from every module's mean err² curve (ranks 1..K)."""
+    costs = {key: plan.module_costs(key, shapes[key]) for key in curves}
+    allocation = allocate_ranks({key: curve.tolist() for key, curve in curves.items()}, costs,
+                                budget_bytes=plan.bytes_per_adapter)
+    logger.info("allocated ranks %d–%d (uniform %d): %.0f of %.0f bytes per adapter, mean err² %.4f",
+                min(allocation.ranks.values()), max(allocation.ranks.values()), plan.uniform_rank,
+                allocation.bytes_per_adapter, plan.bytes_per_adapter, allocation.mean_err2)
+    return allocation
