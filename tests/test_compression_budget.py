@@ -269,3 +269,16 @@ def test_budget_usage_errors(loras, tmp_path):
         compress(list(loras.values()), tmp_path / "x", budget="100000x", progress=False)
     with pytest.raises(UsageError, match="cannot be combined"):
         compress(list(loras.values()), tmp_path / "x", budget="8x", target_error=0.1, progress=False)
+
+
+def test_per_module_allocation_for_an_error_target(loras, tmp_path):
+    target = 0.5
+    uniform = compress(list(loras.values()), tmp_path / "uniform", target_error=target, progress=False)
+    allocated = compress(list(loras.values()), tmp_path / "allocated", target_error=target,
+                         rank_allocation="per-module", progress=False)
+    assert allocated.mean_err2 <= target + 1e-9
+    # The uniform rank meets the target only on its probe modules; the allocation meets it over all of them, and
+    # never needs more bytes than the uniform rank where that rank met it everywhere.
+    if uniform.mean_err2 <= target:
+        assert allocated.sizes["bytes"]["bytes_per_adapter"] <= uniform.sizes["bytes"]["bytes_per_adapter"] + 1e-6
+    assert allocated.data["settings"]["rank_allocation"] == "per-module"

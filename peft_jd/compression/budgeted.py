@@ -1,9 +1,11 @@
-"""`compress(budget=…)`: ranks allocated per module under a memory budget per adapter.
+"""`compress(budget=…)`: ranks allocated per module under a memory budget per adapter (or, with
+`rank_allocation="per-module"` and `target_error`, the fewest bytes that meet an error target).
 
 Three steps, all inside `compress`'s resumable module loop:
 
-1. `plan_budget`: the budget in bytes per adapter, the uniform rank that meets it, and the largest rank a module may
-   get (`rank`, or `MAX_RANK_FACTOR` × the uniform rank);
+1. `plan_budget` (or `plan_target`): the budget in bytes per adapter, the uniform rank that meets it (or the uniform
+   rank `--target-error`'s probe chose), and the largest rank a module may get (`rank`, or `MAX_RANK_FACTOR` × the
+   uniform rank);
 2. per module, one solve at that largest rank, reordered into nested components (`nested.nest`) whose error is known
    for every smaller rank;
 3. `allocate_ranks` picks the rank of every module from those error curves and the cost model (`sizes`), and each
@@ -39,22 +41,25 @@ class BudgetPlan:
     """What a budgeted run needs before the module loop.
 
     Args:
-        budget: The budget as given.
-        bytes_per_adapter: The budget in bytes per adapter available to Σ and bases (modules_to_save excluded).
+        budget: The budget as given (`None` for an error target).
+        bytes_per_adapter: The budget in bytes per adapter available to Σ and bases (modules_to_save excluded), or
+            `None` for an error target.
         lora_bytes_per_adapter: Mean bytes of one input LoRA at fp16 (factors only).
         uniform_rank: Largest rank that fits the budget when every module has it.
         max_ranks: Module key → the rank its solve runs at (the largest it may get).
         cost: The cost model.
         clusters: Clusters per module.
+        target_err2: The error target (mean over modules and adapters), when allocating for one.
     """
 
-    budget: Budget
-    bytes_per_adapter: float
+    budget: Budget | None
+    bytes_per_adapter: float | None
     lora_bytes_per_adapter: float
     uniform_rank: int
     max_ranks: dict[str, int]
     cost: StorageCost
     clusters: int
+    target_err2: float | None = None
 
     def module_costs(self, module_key: str, shapes: tuple[int, int]) -> list[float]:
         """Bytes per adapter of `module_key` at ranks 1..K."""
@@ -63,15 +68,36 @@ class BudgetPlan:
                 for k in range(1, self.max_ranks[module_key] + 1)]
 
     def settings(self) -> dict[str, Any]:
-        return {"budget": self.budget.describe(), "budget_bytes_per_adapter": round(self.bytes_per_adapter, 1),
-                "lora_bytes_per_adapter": round(self.lora_bytes_per_adapter, 1), "uniform_rank": self.uniform_rank}
+        settings = {"rank_allocation": "per-module", "lora_bytes_per_adapter": round(self.lora_bytes_per_adapter, 1),
+                    "uniform_rank": self.uniform_rank}
+        if self.budget is not None:
+            settings.update(budget=self.budget.describe(), budget_bytes_per_adapter=round(self.bytes_per_adapter, 1))
+        return settings
+
+
+def _max_ranks(spec: CollectionSpec, sigma_type: str, uniform: int, max_rank: int | None) -> dict[str, int]:
+    largest = max_rank or max(uniform + 1, math.ceil(MAX_RANK_FACTOR[sigma_type] * uniform))
+    return {key: max(1, min(largest, min(shape))) for key, shape in spec.module_shapes.items()}
+
+
+def _lora_bytes(loras: list[LoraAdapter]) -> float:
+    return REFERENCE_BYTES * sum(a.lora_params() for a in loras) / len(loras)
+
+
+def plan_target(target_err2: float, uniform_rank: int, loras: list[LoraAdapter], spec: CollectionSpec,
+                sigma_type: str, clusters: int, sigma_dtype: str, bases_dtype: str) -> BudgetPlan:
+    """Per-module ranks for an error target: modules solved up to `MAX_RANK_FACTOR` × the uniform rank that met the
+    target on the probe modules, then the cheapest allocation meeting it."""
+    cost = StorageCost(sigma_type, len(loras), sigma_dtype, bases_dtype)
+    return BudgetPlan(None, None, _lora_bytes(loras), uniform_rank,
+                      _max_ranks(spec, sigma_type, uniform_rank, None), cost, clusters, target_err2)
 
 
 def plan_budget(budget: Budget, loras: list[LoraAdapter], spec: CollectionSpec, sigma_type: str, clusters: int,
                 sigma_dtype: str, bases_dtype: str, max_rank: int | None) -> BudgetPlan:
     """Resolves the budget and the largest rank of every module (see the module docstring)."""
     n = len(loras)
-    lora_bytes = REFERENCE_BYTES * sum(a.lora_params() for a in loras) / n
+    lora_bytes = _lora_bytes(loras)
     saved_bytes = REFERENCE_BYTES * sum(a.saved_params() for a in loras) / n
     available = budget.resolve(lora_bytes) - saved_bytes
     cost = StorageCost(sigma_type, n, sigma_dtype, bases_dtype)
@@ -89,10 +115,9 @@ def plan_budget(budget: Budget, loras: list[LoraAdapter], spec: CollectionSpec, 
     uniform = 1
     while uniform < cap and total(uniform + 1) <= available:
         uniform += 1
-    largest = max_rank or max(uniform + 1, math.ceil(MAX_RANK_FACTOR[sigma_type] * uniform))
-    max_ranks = {key: max(1, min(largest, min(shape))) for key, shape in spec.module_shapes.items()}
+    max_ranks = _max_ranks(spec, sigma_type, uniform, max_rank)
     logger.info("budget %s: %.0f bytes per adapter; uniform rank %d; modules solved at rank ≤ %d",
-                budget.describe(), available, uniform, largest)
+                budget.describe(), available, uniform, max(max_ranks.values()))
     return BudgetPlan(budget, available, lora_bytes, uniform, max_ranks, cost, clusters)
 
 
@@ -114,8 +139,8 @@ def allocate(plan: BudgetPlan, curves: dict[str, torch.Tensor], shapes: dict[str
     """Ranks per module from every module's mean err² curve (ranks 1..K)."""
     costs = {key: plan.module_costs(key, shapes[key]) for key in curves}
     allocation = allocate_ranks({key: curve.tolist() for key, curve in curves.items()}, costs,
-                                budget_bytes=plan.bytes_per_adapter)
-    logger.info("allocated ranks %d–%d (uniform %d): %.0f of %.0f bytes per adapter, mean err² %.4f",
+                                budget_bytes=plan.bytes_per_adapter, target_err2=plan.target_err2)
+    logger.info("allocated ranks %d–%d (uniform %d): %.0f bytes per adapter, mean err² %.4f",
                 min(allocation.ranks.values()), max(allocation.ranks.values()), plan.uniform_rank,
-                allocation.bytes_per_adapter, plan.bytes_per_adapter, allocation.mean_err2)
+                allocation.bytes_per_adapter, allocation.mean_err2)
     return allocation

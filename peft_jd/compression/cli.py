@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument("--target-error", type=float, default=None,
                           help="choose rank/clusters so the mean (‖ΔW−ΔŴ‖/‖ΔW‖)² on probe modules is at most this")
     compress.add_argument("--probe-modules", type=int, default=3, help="modules probed by --target-error")
+    compress.add_argument("--rank-allocation", choices=("uniform", "per-module"), default="uniform",
+                          help="with --target-error: per-module allocates ranks like --budget, for the fewest bytes "
+                          "whose mean error over all modules meets the target")
     compress.add_argument("--no-normalize", dest="normalize", action="store_false",
                           help="weight adapters by their norm instead of equally")
     compress.add_argument("--seed", type=int, default=0)
@@ -94,7 +97,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         max_iter=args.max_iter, max_rounds=args.max_rounds, bases_dtype=args.bases_dtype, revision=args.revision,
         token=args.token, cache_dir=args.cache_dir, local_files_only=args.local_files_only, resume=args.resume,
         progress=not args.quiet, probe_modules=args.probe_modules, overwrite=args.overwrite, budget=args.budget,
-        sigma_dtype=args.sigma_dtype,
+        sigma_dtype=args.sigma_dtype, rank_allocation=args.rank_allocation,
     )
     print(report.summary())
     print(f"wrote {args.out}")

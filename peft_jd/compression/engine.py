@@ -29,7 +29,15 @@ from ..core import (
 )
 from .algorithms import check_method, compress_stack, module_generator, normalization_weights, sigma_type_of
 from .autoselect import auto_select
-from .budgeted import NESTED_NAMES, BudgetPlan, allocate, nested_from_tensors, nested_tensors, plan_budget
+from .budgeted import (
+    NESTED_NAMES,
+    BudgetPlan,
+    allocate,
+    nested_from_tensors,
+    nested_tensors,
+    plan_budget,
+    plan_target,
+)
 from .cards import bases_card, collection_adapter_card
 from .lora_io import CollectionSpec, HubOptions, LoraAdapter, check_collection, load_loras
 from .nested import nest
@@ -93,6 +101,7 @@ def compress(
     overwrite: bool = False,
     budget: str | float | None = None,
     sigma_dtype: str = "float32",
+    rank_allocation: str = "uniform",
 ) -> CompressionReport:
     """Compresses a collection of PEFT LoRA adapters into shared bases plus one small sigma adapter each.
 
@@ -129,6 +138,9 @@ def compress(
             the adapter's share of the bases (`bases bytes / n`). The rank of every module is then chosen to
             minimise the mean err² under the budget (see `docs/compression.md`) and recorded in the format.
         sigma_dtype: dtype of the stored Σ (`float32`, `bfloat16`, `float16`).
+        rank_allocation: `"uniform"` (one rank for every module) or `"per-module"`: with `target_error`, the ranks
+            of the modules are allocated like a budget's, for the fewest bytes whose mean err² over all modules
+            meets the target (`budget` always allocates per module).
 
     Returns:
         The [`CompressionReport`] (also written to `out_dir/report.json`).
@@ -142,6 +154,10 @@ def compress(
         raise UsageError("budget chooses the ranks itself: it cannot be combined with target_error, and the svd "
                          "baseline shares nothing to budget; drop one of them.")
     budget = Budget.parse(budget) if budget is not None else None
+    if rank_allocation not in ("uniform", "per-module"):
+        raise UsageError(f"rank_allocation must be 'uniform' or 'per-module', got {rank_allocation!r}.")
+    if rank_allocation == "per-module" and budget is None and target_error is None:
+        raise UsageError("rank_allocation='per-module' needs a budget or a target_error to allocate for.")
     out_dir = Path(os.path.abspath(out_dir))
     hub = HubOptions(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     loras = load_loras(adapters, hub)
@@ -161,6 +177,10 @@ def compress(
         if budget is not None:
             plan = plan_budget(budget, loras, spec, sigma_type_of(method), clusters, sigma_dtype, bases_dtype,
                                None if rank is None else int(rank))
+            rank = max(plan.max_ranks.values())
+        elif target_error is not None and rank_allocation == "per-module" and method != "svd":
+            plan = plan_target(target_error, rank, loras, spec, sigma_type_of(method), clusters, sigma_dtype,
+                               bases_dtype)
             rank = max(plan.max_ranks.values())
         rank = 16 if rank is None else int(rank)
         if plan is None:
