@@ -282,3 +282,42 @@ def test_per_module_allocation_for_an_error_target(loras, tmp_path):
     if uniform.mean_err2 <= target:
         assert allocated.sizes["bytes"]["bytes_per_adapter"] <= uniform.sizes["bytes"]["bytes_per_adapter"] + 1e-6
     assert allocated.data["settings"]["rank_allocation"] == "per-module"
+
+
+# ------------------------------------------------------------------------------------------------- fallback
+@pytest.mark.parametrize("budget", [None, "5x"])
+def test_fallback_adapters_get_private_clusters_served_in_the_mixed_batch(loras, tmp_path, budget):
+    options = {"budget": budget} if budget else {"rank": 3}
+    plain = compress(list(loras.values()), tmp_path / "plain", progress=False, **options)
+    threshold = sorted(e for entry in plain.adapters.values() for e in entry["err2"].values())[-4]
+    report = compress(list(loras.values()), tmp_path / "fb", progress=False, fallback_error=threshold, **options)
+    out = tmp_path / "fb"
+    moved = {(name, key) for key, module in report.modules.items() for name in module["fallback"]}
+    assert moved, "some (adapter, module) pairs must be above the threshold"
+    for name, key in moved:
+        # Private cluster: the LoRA's own top-k factors, k the module's rank (its error is the SVD tail).
+        lora = lora_delta(loras[name], key)
+        k = BasesConfig.from_file(out / "bases" / "jd_bases_config.json").rank_of(key)
+        s = np.linalg.svd(lora.numpy(), compute_uv=False)
+        assert report.adapters[name]["err2"][key] == pytest.approx(float((s[k:] ** 2).sum() / (s**2).sum()),
+                                                                   abs=1e-6)
+        assert report.adapters[name]["err2"][key] <= plain.adapters[name]["err2"][key] + 1e-9
+    if budget:
+        memory = report.sizes["bytes"]
+        assert memory["bytes_per_adapter"] <= memory["lora_bytes_per_adapter"] / 5 + 1e-6
+    if not budget:  # private clusters add bases bytes (with a budget, they are paid for by lower ranks elsewhere)
+        assert report.sizes["bases_params"] > plain.sizes["bases_params"]
+    # Served: a mixed batch of a fallback adapter and others equals the dense references from the files.
+    name = sorted(moved)[0][0]
+    names = [name] + [n for n in loras if n != name][:2]
+    base = tiny_llama()
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(out / "adapters" / names[0]), adapter_name=names[0])
+    peft_jd.load_adapters(model, [str(out / "adapters" / n) for n in names[1:]], progress=False)
+    with torch.no_grad():
+        mixed = model(TOKENS[:1].repeat(3, 1), adapter_names=names).logits
+    for row, adapter in enumerate(names):
+        merged = copy.deepcopy(base)
+        for module_key, linear in target_linears(merged).items():
+            linear.weight.data += sigma_delta(out, adapter, module_key).float()
+        with torch.no_grad():
+            torch.testing.assert_close(mixed[row], merged(TOKENS[:1]).logits[0], atol=1e-4, rtol=1e-4)

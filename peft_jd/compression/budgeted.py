@@ -135,10 +135,40 @@ def nested_from_tensors(tensors: dict[str, torch.Tensor]) -> NestedModule:
                         err2=tensors["err2"], projections=tensors.get("projections"))
 
 
-def allocate(plan: BudgetPlan, curves: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> Allocation:
-    """Ranks per module from every module's mean err² curve (ranks 1..K)."""
-    costs = {key: plan.module_costs(key, shapes[key]) for key in curves}
-    allocation = allocate_ranks({key: curve.tolist() for key, curve in curves.items()}, costs,
+def allocate(plan: BudgetPlan, errors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+             fallback_error: float | None = None) -> tuple[Allocation, dict[str, torch.Tensor]]:
+    """Ranks per module from every module's per-adapter err² curves `(n, K)`, and the fallback adapters per module.
+
+    With `fallback_error`, the adapters above it at a first allocation's ranks keep their own factors in a private
+    cluster (`fallback.py`); the allocation is then redone with their private clusters' bytes charged (they grow
+    with the module's rank) and their error taken as served by the private cluster.
+    """
+    allocation = _allocate_curves(plan, {key: err2.mean(0) for key, err2 in errors.items()}, shapes, {})
+    if fallback_error is None:
+        return allocation, {}
+    private = {key: (err2[:, allocation.ranks[key] - 1] > fallback_error).nonzero().squeeze(1)
+               for key, err2 in errors.items()}
+    private = {key: idx for key, idx in private.items() if idx.numel()}
+    curves = {}
+    for key, err2 in errors.items():
+        served = err2.clone()
+        if key in private:
+            served[private[key]] = 0.0
+        curves[key] = served.mean(0)
+    return _allocate_curves(plan, curves, shapes, private), private
+
+
+def _allocate_curves(plan: BudgetPlan, curves: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+                     private: dict[str, torch.Tensor]) -> Allocation:
+    costs = {}
+    for key in curves:
+        in_features, out_features = shapes[key]
+        extra = [plan.cost.module_bytes(k, len(private.get(key, ())), in_features, out_features)
+                 - plan.cost.module_bytes(k, 0, in_features, out_features)
+                 for k in range(1, plan.max_ranks[key] + 1)]
+        costs[key] = [a + b for a, b in zip(plan.module_costs(key, shapes[key]), extra)]
+    allocation = allocate_ranks({key: curve.tolist()[: len(costs[key])] for key, curve in curves.items()},
+                                {key: cost[: len(curves[key])] for key, cost in costs.items()},
                                 budget_bytes=plan.bytes_per_adapter, target_err2=plan.target_err2)
     logger.info("allocated ranks %d–%d (uniform %d): %.0f bytes per adapter, mean err² %.4f",
                 min(allocation.ranks.values()), max(allocation.ranks.values()), plan.uniform_rank,

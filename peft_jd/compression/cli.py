@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument("--max-iter", type=int, default=100)
     compress.add_argument("--max-rounds", type=int, default=3, help="cluster reassignment rounds")
     compress.add_argument("--bases-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    compress.add_argument("--fallback-error", type=float, default=None,
+                          help="adapters whose err² on a module's shared bases exceeds this keep their own factors "
+                          "there (a private cluster, same collection and mixed batch); charged to --budget")
     compress.add_argument("--sigma-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                           help="storage dtype of the per-adapter Σ")
     compress.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an interrupted run")
@@ -97,7 +100,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         max_iter=args.max_iter, max_rounds=args.max_rounds, bases_dtype=args.bases_dtype, revision=args.revision,
         token=args.token, cache_dir=args.cache_dir, local_files_only=args.local_files_only, resume=args.resume,
         progress=not args.quiet, probe_modules=args.probe_modules, overwrite=args.overwrite, budget=args.budget,
-        sigma_dtype=args.sigma_dtype, rank_allocation=args.rank_allocation,
+        sigma_dtype=args.sigma_dtype, rank_allocation=args.rank_allocation, fallback_error=args.fallback_error,
     )
     print(report.summary())
     print(f"wrote {args.out}")

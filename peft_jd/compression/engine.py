@@ -39,6 +39,7 @@ from .budgeted import (
     plan_target,
 )
 from .cards import bases_card, collection_adapter_card
+from .fallback import add_private_clusters, fallback_pairs
 from .lora_io import CollectionSpec, HubOptions, LoraAdapter, check_collection, load_loras
 from .nested import nest
 from .report import CompressionReport, adapter_entry
@@ -102,6 +103,7 @@ def compress(
     budget: str | float | None = None,
     sigma_dtype: str = "float32",
     rank_allocation: str = "uniform",
+    fallback_error: float | None = None,
 ) -> CompressionReport:
     """Compresses a collection of PEFT LoRA adapters into shared bases plus one small sigma adapter each.
 
@@ -141,6 +143,9 @@ def compress(
         rank_allocation: `"uniform"` (one rank for every module) or `"per-module"`: with `target_error`, the ranks
             of the modules are allocated like a budget's, for the fewest bytes whose mean err² over all modules
             meets the target (`budget` always allocates per module).
+        fallback_error: Adapters whose err² on a module's shared clusters exceeds this keep their own factors for
+            that module, as a private cluster in the same collection (served in the same mixed batches); their bytes
+            are counted in the report and, with `budget`, charged to it. Default: off.
 
     Returns:
         The [`CompressionReport`] (also written to `out_dir/report.json`).
@@ -154,6 +159,8 @@ def compress(
         raise UsageError("budget chooses the ranks itself: it cannot be combined with target_error, and the svd "
                          "baseline shares nothing to budget; drop one of them.")
     budget = Budget.parse(budget) if budget is not None else None
+    if fallback_error is not None and not 0 < fallback_error < 1:
+        raise UsageError(f"fallback_error is a squared relative error in (0, 1), got {fallback_error}.")
     if rank_allocation not in ("uniform", "per-module"):
         raise UsageError(f"rank_allocation must be 'uniform' or 'per-module', got {rank_allocation!r}.")
     if rank_allocation == "per-module" and budget is None and target_error is None:
@@ -187,7 +194,7 @@ def compress(
             check_rank(rank, spec)
         settings = {"method": method, "rank": rank, "clusters": clusters, "normalize": normalize, "seed": seed,
                     "tol": tol, "max_iter": max_iter, "max_rounds": max_rounds, "bases_dtype": bases_dtype,
-                    "sigma_dtype": sigma_dtype}
+                    "sigma_dtype": sigma_dtype, "fallback_error": fallback_error}
         if plan is not None:
             settings.update(plan.settings())
         work = WorkDir(out_dir, {"settings": settings, "inputs": inputs_fingerprint(loras), "modules": module_keys},
@@ -207,6 +214,9 @@ def compress(
             info = {"seconds_read": t1 - t0, "seconds_compress": result.seconds, "iterations": result.iterations,
                     "rounds": result.rounds, "history": result.history[-50:]}
             if plan is None:
+                private = fallback_pairs(result.err2, fallback_error)
+                result = add_private_clusters(result, stack, private)
+                info["fallback"] = private.tolist()
                 work.save(index, module_key, result, info)
             else:
                 t2 = time.perf_counter()
@@ -215,39 +225,48 @@ def compress(
                 work.save_tensors(index, module_key, nested_tensors(nested), info)
             del stack
             bar.set_postfix(err2=f"{float(result.err2.mean()):.3f}")
-        ranks = _allocate(plan, work, module_keys, spec, settings)
-        report = _assemble(out_dir, work, loras, spec, module_keys, settings, selection, start, overwrite, ranks)
+        ranks, private = _allocate(plan, work, module_keys, spec, settings)
+        report = _assemble(out_dir, work, loras, spec, module_keys, settings, selection, start, overwrite, ranks,
+                           private)
         work.cleanup()
     logger.info("%s", report.summary())
     return report
 
 
 def _allocate(plan: BudgetPlan | None, work: WorkDir, module_keys: list[str], spec: CollectionSpec,
-              settings: dict[str, Any]) -> dict[str, int] | None:
-    """Budgeted runs: the rank of every module, from the error curves of the finished modules (else `None`)."""
+              settings: dict[str, Any]) -> tuple[dict[str, int] | None, dict[str, torch.Tensor]]:
+    """Budgeted runs: the rank of every module from the error curves of the finished modules, and the adapters that
+    fall back to private clusters per module (else `None, {}`)."""
     if plan is None:
-        return None
-    curves = {key: work.load(index, key, ("err2",))[0]["err2"].mean(0) for index, key in enumerate(module_keys)}
-    allocation = allocate(plan, curves, spec.module_shapes)
+        return None, {}
+    errors = {key: work.load(index, key, ("err2",))[0]["err2"] for index, key in enumerate(module_keys)}
+    allocation, private = allocate(plan, errors, spec.module_shapes, settings["fallback_error"])
     settings["rank"] = max(allocation.ranks.values())
     settings["allocated_bytes_per_adapter"] = round(allocation.bytes_per_adapter, 1)
-    return allocation.ranks
+    return allocation.ranks, private
 
 
-def _module_result(work: WorkDir, index: int, module_key: str, ranks: dict[str, int] | None
+def _module_result(work: WorkDir, index: int, module_key: str, ranks: dict[str, int] | None,
+                   private: dict[str, torch.Tensor], loras: list[LoraAdapter]
                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A finished module's tensors (`U`, `V`, `sigma`, `cluster`, `err2`), truncated to its rank in budgeted runs."""
+    """A finished module's tensors (`U`, `V`, `sigma`, `cluster`, `err2`), truncated to its rank and given its
+    private clusters in budgeted runs."""
     if ranks is None:
         return work.load(index, module_key)
     tensors, info = work.load(index, module_key, NESTED_NAMES)
     result = nested_from_tensors(tensors).truncate(ranks[module_key])
+    if module_key in private:
+        # The allocation chose these adapters after the solve: their own factors are read again.
+        result = add_private_clusters(result, read_module_stack(loras, module_key), private[module_key])
+        info["fallback"] = private[module_key].tolist()
     return {"U": result.U, "V": result.V, "sigma": result.sigma, "cluster": result.cluster,
             "err2": result.err2}, info
 
 
 def _assemble(out_dir: Path, work: WorkDir, loras: list[LoraAdapter], spec: CollectionSpec, module_keys: list[str],
               settings: dict[str, Any], selection: dict[str, Any] | None, start: float,
-              overwrite: bool, ranks: dict[str, int] | None = None) -> CompressionReport:
+              overwrite: bool, ranks: dict[str, int] | None = None,
+              private: dict[str, torch.Tensor] | None = None) -> CompressionReport:
     """Writes `bases/`, every sigma adapter and `report.json` into a temporary folder, swapped in as `out_dir`."""
     t_write = time.perf_counter()
     method, rank = settings["method"], settings["rank"]
@@ -258,7 +277,8 @@ def _assemble(out_dir: Path, work: WorkDir, loras: list[LoraAdapter], spec: Coll
     errors2: dict[str, dict[str, float]] = {a.name: {} for a in loras}
     modules: dict[str, dict[str, Any]] = {}
     for index, module_key in enumerate(module_keys):
-        tensors, info = _module_result(work, index, module_key, ranks)
+        tensors, info = _module_result(work, index, module_key, ranks, private or {}, loras)
+        info["fallback"] = [loras[i].name for i in info.get("fallback", [])]
         dtype = STORAGE_DTYPES[settings["bases_dtype"]]
         bases[module_key] = (tensors["U"].to(dtype), tensors["V"].to(dtype))
         cluster, err2 = tensors["cluster"].tolist(), tensors["err2"].tolist()
