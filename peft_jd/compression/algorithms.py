@@ -155,8 +155,8 @@ def compress_stack(
 
 
 @few_threads()
-def project_stack(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor,
-                  diagonal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def project_stack(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor, diagonal: bool,
+                  orthonormal: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Projects new updates onto existing bases: best cluster, optimal Σ and error per adapter.
 
     Args:
@@ -164,6 +164,8 @@ def project_stack(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor,
         U: `(c, d_out, k)` existing bases (orthonormal for full Σ).
         V: `(c, d_in, k)`.
         diagonal: Fit diagonal Σ by least squares instead of `Σ = Uᵀ ΔW V`.
+        orthonormal: Whether U and V have orthonormal columns (JD-Full); otherwise (calibrated collections, whose V
+            is whitened) full Σ is the least-squares `(UᵀU)⁺ Uᵀ ΔW V (VᵀV)⁺`.
 
     Returns:
         `(cluster (n,), sigma (n, k, k) or (n, k), err2 (n,))`.
@@ -180,8 +182,12 @@ def project_stack(stack: CanonicalStack, U: torch.Tensor, V: torch.Tensor,
         if diagonal:
             Uc, Vc = U[c].double(), V[c].double()
             sigma[idx] = _solve((Uc.T @ Uc) * (Vc.T @ Vc), (Q * P).sum(1))
-        else:
+        elif orthonormal:
             sigma[idx] = Q.transpose(1, 2) @ P
+        else:
+            Uc, Vc = U[c].double(), V[c].double()
+            sigma[idx] = torch.linalg.pinv(Uc.T @ Uc) @ (Q.transpose(1, 2) @ P) @ torch.linalg.pinv(Vc.T @ Vc)
     sigma = sigma.float()
-    captured = energy.gather(1, cluster.unsqueeze(1)).squeeze(1)
+    # The cheap estimate assumes orthonormal bases for full Σ; otherwise every error is computed exactly.
+    captured = energy.gather(1, cluster.unsqueeze(1)).squeeze(1) if orthonormal or diagonal else None
     return cluster, sigma, relative_errors(stack, U, V, sigma, cluster, captured)

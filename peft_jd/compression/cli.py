@@ -61,6 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument("--fallback-error", type=float, default=None,
                           help="adapters whose err² on a module's shared bases exceeds this keep their own factors "
                           "there (a private cluster, same collection and mixed batch); charged to --budget")
+    compress.add_argument("--calibration", default=None,
+                          help="input statistics from `peft-jd calibrate`: minimise the error on the base model's "
+                          "inputs instead of the plain Frobenius error")
+    compress.add_argument("--calibration-damping", type=float, default=0.01,
+                          help="ridge added to each input second moment, relative to its mean diagonal")
     compress.add_argument("--sigma-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                           help="storage dtype of the per-adapter Σ")
     compress.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an interrupted run")
@@ -83,6 +88,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _hub_arguments(add)
     add.set_defaults(func=_run_add)
 
+    calibrate = subparsers.add_parser(
+        "calibrate",
+        help="collect the base model's input statistics for activation-aware compression (--calibration)",
+        description="Run the base model on calibration texts and save, per target module, the mean of x xᵀ over "
+        "their tokens. `peft-jd compress --calibration FILE` then minimises the error on these inputs.",
+    )
+    calibrate.add_argument("--model", required=True, help="base model folder or Hub id (the LoRAs' base model)")
+    calibrate.add_argument("--gguf-file", default=None, help="GGUF file inside --model, if the model is a GGUF")
+    calibrate.add_argument("--texts", required=True,
+                           help="text file, one calibration prompt per line (generic prompts, or the tasks' own "
+                           "training prompts)")
+    calibrate.add_argument("--target-modules", nargs="+", required=True, help="module suffixes, as the LoRAs'")
+    calibrate.add_argument("--out", required=True, help="output .safetensors file")
+    calibrate.add_argument("--max-length", type=int, default=256, help="tokens per text (truncated beyond)")
+    calibrate.add_argument("--batch-size", type=int, default=8)
+    calibrate.add_argument("--chat-template", action="store_true",
+                           help="wrap every text as a user turn with the tokenizer's chat template")
+    calibrate.set_defaults(func=_run_calibrate)
+
     inspect = subparsers.add_parser("inspect", help="show a collection: adapters, clusters, errors, sizes",
                                     description="Summarise a collection written by `peft-jd compress`.")
     inspect.add_argument("collection", help="collection folder")
@@ -101,6 +125,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         token=args.token, cache_dir=args.cache_dir, local_files_only=args.local_files_only, resume=args.resume,
         progress=not args.quiet, probe_modules=args.probe_modules, overwrite=args.overwrite, budget=args.budget,
         sigma_dtype=args.sigma_dtype, rank_allocation=args.rank_allocation, fallback_error=args.fallback_error,
+        calibration=args.calibration, calibration_damping=args.calibration_damping,
     )
     print(report.summary())
     print(f"wrote {args.out}")
@@ -115,6 +140,19 @@ def _run_add(args: argparse.Namespace) -> int:
     )
     added = [name for name, entry in report.adapters.items() if entry.get("added")]
     print(f"{len(added)} adapter(s) now added to {args.collection}; collection: {report.summary()}")
+    return 0
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from .calibration_run import calibrate_from_texts
+
+    with open(args.texts, encoding="utf-8") as handle:
+        texts = [line.strip() for line in handle if line.strip()]
+    statistics = calibrate_from_texts(args.model, texts, args.target_modules, gguf_file=args.gguf_file,
+                                      max_length=args.max_length, batch_size=args.batch_size,
+                                      chat_template=args.chat_template)
+    statistics.save(args.out)
+    print(f"wrote input statistics of {len(statistics.groups)} modules ({statistics.tokens:,} tokens) to {args.out}")
     return 0
 
 

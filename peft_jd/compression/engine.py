@@ -38,6 +38,7 @@ from .budgeted import (
     plan_budget,
     plan_target,
 )
+from .calibration import DEFAULT_DAMPING, InputStatistics, Whitening
 from .cards import bases_card, collection_adapter_card
 from .fallback import add_private_clusters, fallback_pairs
 from .lora_io import CollectionSpec, HubOptions, LoraAdapter, check_collection, load_loras
@@ -104,6 +105,8 @@ def compress(
     sigma_dtype: str = "float32",
     rank_allocation: str = "uniform",
     fallback_error: float | None = None,
+    calibration: str | os.PathLike | InputStatistics | None = None,
+    calibration_damping: float = DEFAULT_DAMPING,
 ) -> CompressionReport:
     """Compresses a collection of PEFT LoRA adapters into shared bases plus one small sigma adapter each.
 
@@ -146,6 +149,10 @@ def compress(
         fallback_error: Adapters whose err² on a module's shared clusters exceeds this keep their own factors for
             that module, as a private cluster in the same collection (served in the same mixed batches); their bytes
             are counted in the report and, with `budget`, charged to it. Default: off.
+        calibration: Input statistics of the base model (a file from `peft-jd calibrate`, or `InputStatistics`):
+            the compression then minimises the error on those inputs, `‖(ΔW_i − ΔŴ_i) X‖`, instead of the plain
+            Frobenius error, and the reported err² are those activation errors (see `calibration.py`).
+        calibration_damping: Ridge added to each input second moment, relative to the mean of its diagonal.
 
     Returns:
         The [`CompressionReport`] (also written to `out_dir/report.json`).
@@ -159,6 +166,10 @@ def compress(
         raise UsageError("budget chooses the ranks itself: it cannot be combined with target_error, and the svd "
                          "baseline shares nothing to budget; drop one of them.")
     budget = Budget.parse(budget) if budget is not None else None
+    whitening = None
+    if calibration is not None:
+        statistics = calibration if isinstance(calibration, InputStatistics) else InputStatistics.load(calibration)
+        whitening = Whitening(statistics, calibration_damping)
     if fallback_error is not None and not 0 < fallback_error < 1:
         raise UsageError(f"fallback_error is a squared relative error in (0, 1), got {fallback_error}.")
     if rank_allocation not in ("uniform", "per-module"):
@@ -197,6 +208,8 @@ def compress(
                     "sigma_dtype": sigma_dtype, "fallback_error": fallback_error}
         if plan is not None:
             settings.update(plan.settings())
+        if whitening is not None:
+            settings["calibration"] = whitening.settings()
         work = WorkDir(out_dir, {"settings": settings, "inputs": inputs_fingerprint(loras), "modules": module_keys},
                        resume=resume)
         bar = tqdm(module_keys, desc=f"compress ({method}, k={rank}, c={clusters})", unit="module",
@@ -205,7 +218,7 @@ def compress(
             if work.done(index, module_key):
                 continue
             t0 = time.perf_counter()
-            stack = read_module_stack(loras, module_key)
+            stack = _module_stack(loras, module_key, whitening)
             t1 = time.perf_counter()
             module_rank = rank if plan is None else min(plan.max_ranks[module_key], stack.n * stack.r)
             result = compress_stack(stack, method, module_rank, clusters, normalize=normalize, tol=tol,
@@ -227,7 +240,7 @@ def compress(
             bar.set_postfix(err2=f"{float(result.err2.mean()):.3f}")
         ranks, private = _allocate(plan, work, module_keys, spec, settings)
         report = _assemble(out_dir, work, loras, spec, module_keys, settings, selection, start, overwrite, ranks,
-                           private)
+                           private, whitening)
         work.cleanup()
     logger.info("%s", report.summary())
     return report
@@ -246,8 +259,14 @@ def _allocate(plan: BudgetPlan | None, work: WorkDir, module_keys: list[str], sp
     return allocation.ranks, private
 
 
+def _module_stack(loras: list[LoraAdapter], module_key: str, whitening: Whitening | None):
+    """The module's updates, whitened by the calibration statistics when there are some."""
+    stack = read_module_stack(loras, module_key)
+    return stack if whitening is None else whitening.apply(stack, module_key)
+
+
 def _module_result(work: WorkDir, index: int, module_key: str, ranks: dict[str, int] | None,
-                   private: dict[str, torch.Tensor], loras: list[LoraAdapter]
+                   private: dict[str, torch.Tensor], loras: list[LoraAdapter], whitening: Whitening | None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A finished module's tensors (`U`, `V`, `sigma`, `cluster`, `err2`), truncated to its rank and given its
     private clusters in budgeted runs."""
@@ -257,7 +276,7 @@ def _module_result(work: WorkDir, index: int, module_key: str, ranks: dict[str, 
     result = nested_from_tensors(tensors).truncate(ranks[module_key])
     if module_key in private:
         # The allocation chose these adapters after the solve: their own factors are read again.
-        result = add_private_clusters(result, read_module_stack(loras, module_key), private[module_key])
+        result = add_private_clusters(result, _module_stack(loras, module_key, whitening), private[module_key])
         info["fallback"] = private[module_key].tolist()
     return {"U": result.U, "V": result.V, "sigma": result.sigma, "cluster": result.cluster,
             "err2": result.err2}, info
@@ -266,7 +285,8 @@ def _module_result(work: WorkDir, index: int, module_key: str, ranks: dict[str, 
 def _assemble(out_dir: Path, work: WorkDir, loras: list[LoraAdapter], spec: CollectionSpec, module_keys: list[str],
               settings: dict[str, Any], selection: dict[str, Any] | None, start: float,
               overwrite: bool, ranks: dict[str, int] | None = None,
-              private: dict[str, torch.Tensor] | None = None) -> CompressionReport:
+              private: dict[str, torch.Tensor] | None = None,
+              whitening: Whitening | None = None) -> CompressionReport:
     """Writes `bases/`, every sigma adapter and `report.json` into a temporary folder, swapped in as `out_dir`."""
     t_write = time.perf_counter()
     method, rank = settings["method"], settings["rank"]
@@ -277,10 +297,11 @@ def _assemble(out_dir: Path, work: WorkDir, loras: list[LoraAdapter], spec: Coll
     errors2: dict[str, dict[str, float]] = {a.name: {} for a in loras}
     modules: dict[str, dict[str, Any]] = {}
     for index, module_key in enumerate(module_keys):
-        tensors, info = _module_result(work, index, module_key, ranks, private or {}, loras)
+        tensors, info = _module_result(work, index, module_key, ranks, private or {}, loras, whitening)
         info["fallback"] = [loras[i].name for i in info.get("fallback", [])]
         dtype = STORAGE_DTYPES[settings["bases_dtype"]]
-        bases[module_key] = (tensors["U"].to(dtype), tensors["V"].to(dtype))
+        V = tensors["V"] if whitening is None else whitening.restore(tensors["V"], module_key)
+        bases[module_key] = (tensors["U"].to(dtype), V.to(dtype))
         cluster, err2 = tensors["cluster"].tolist(), tensors["err2"].tolist()
         for i, adapter in enumerate(loras):
             sigmas[adapter.name][module_key] = tensors["sigma"][i].clone()

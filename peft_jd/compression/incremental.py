@@ -115,7 +115,8 @@ def extend_collection(
                            "they are kept as they are.", collection, adapters_dir(collection).name, ", ".join(stray))
         module_keys = sorted(spec.module_shapes, key=natural_key)
         diagonal = bases_config.sigma_type == "diag"
-        sigmas, clusters, errors2 = _project(collection, loras, module_keys, diagonal, progress)
+        calibrated = "calibration" in report.data["settings"]
+        sigmas, clusters, errors2 = _project(collection, loras, module_keys, diagonal, progress, not calibrated)
         target_modules = _existing_target_modules(collection) or jd_target_modules(loras, spec)
         sigma_params = sum(sigma_values(bases_config.rank_of(key), bases_config.sigma_type) for key in module_keys)
         for adapter in loras:
@@ -149,9 +150,11 @@ def extend_collection(
     return report
 
 
-def _project(collection: Path, loras: list[LoraAdapter], module_keys: list[str], diagonal: bool, progress: bool
+def _project(collection: Path, loras: list[LoraAdapter], module_keys: list[str], diagonal: bool, progress: bool,
+             orthonormal: bool = True
              ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, int]], dict[str, dict[str, float]]]:
-    """Per new adapter and module: its Σ, cluster and err² on the collection's bases."""
+    """Per new adapter and module: its Σ, cluster and err² on the collection's bases (plain Frobenius error: a
+    calibrated collection does not keep its calibration statistics, and its V is not orthonormal)."""
     sigmas: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in loras}
     clusters: dict[str, dict[str, int]] = {a.name: {} for a in loras}
     errors2: dict[str, dict[str, float]] = {a.name: {} for a in loras}
@@ -159,7 +162,7 @@ def _project(collection: Path, loras: list[LoraAdapter], module_keys: list[str],
         for module_key in tqdm(module_keys, desc="project", unit="module", disable=not progress):
             U = handle.get_tensor(f"{module_key}.U").float()
             V = handle.get_tensor(f"{module_key}.V").float()
-            cluster, sigma, err2 = project_stack(read_module_stack(loras, module_key), U, V, diagonal)
+            cluster, sigma, err2 = project_stack(read_module_stack(loras, module_key), U, V, diagonal, orthonormal)
             for i, adapter in enumerate(loras):
                 sigmas[adapter.name][module_key] = sigma[i].clone()
                 clusters[adapter.name][module_key] = int(cluster[i])
