@@ -24,21 +24,28 @@ from pathlib import Path
 import torch
 from fidelity_report import atomic_write_text, closing_note, update_results, write_markdown, write_plot
 
-from peft_jd.zoo.collection import (
+from peft_jd.zoo import (
+    BASE_ADAPTER,
+    DEMO_TASKS,
+    TrainSettings,
+    build_requests,
     compress_collection,
+    evaluate,
     jd_parameters,
     load_jd_collection,
     load_lora_collection,
+    load_smollm2,
+    load_tiny_model,
     lora_parameters,
     lora_reconstruction_errors,
+    make_splits,
     reconstruction_errors,
     release,
+    select_tasks,
+    train_zoo,
     truncate_lora,
 )
-from peft_jd.zoo.evaluate import BASE_ADAPTER, build_requests, evaluate
-from peft_jd.zoo.model import load_smollm2, load_tiny_model
-from peft_jd.zoo.tasks import DEMO_TASKS, make_splits, select_tasks
-from peft_jd.zoo.train import TrainSettings, train_zoo, validate
+from peft_jd.zoo.train import validate
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,11 @@ from huggingface_hub.utils import validate_repo_id
 
 from peft_jd.core import (
     ADAPTER_CONFIG_NAME,
+    ADAPTER_FILES,
     ADAPTER_WEIGHTS_NAME,
     BASES_CONFIG_NAME,
     BASES_DIR,
+    BASES_FILES,
     BASES_WEIGHTS_NAME,
     CARD_NAME,
     KIND_COLLECTION,
@@ -117,8 +119,8 @@ def _download_adapter(repo_id: str, subfolder: Optional[str], revision: Optional
                       hub_kwargs: dict) -> tuple[Path, str]:
     """`(folder in the cache, commit sha)` of an adapter's config and weights."""
     try:
-        paths = hub_download(repo_id, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME], subfolder=subfolder,
-                             revision=revision, what="adapter", error_cls=PullError, **hub_kwargs)
+        paths = hub_download(repo_id, ADAPTER_FILES, subfolder=subfolder, revision=revision, what="adapter",
+                             error_cls=PullError, **hub_kwargs)
     except PullError as exc:
         cause = exc.__cause__
         if not subfolder and isinstance(cause, EntryNotFoundError) and not isinstance(cause, LocalEntryNotFoundError):
@@ -192,9 +194,8 @@ def download_adapter(repo_id: str, subfolder: Optional[str], revision: Optional[
                                          bool(hub_kwargs.get("local_files_only")))
         logger.warning("%s does not pin its bases revision; using %s@%s.", where, bases_repo, bases_revision)
     bases_where = describe(bases_repo, bases_subfolder, bases_revision)
-    bases_paths = hub_download(bases_repo, [BASES_CONFIG_NAME, BASES_WEIGHTS_NAME], subfolder=bases_subfolder,
-                               revision=bases_revision, what=f"bases of adapter {name!r}", error_cls=BasesPullError,
-                               **hub_kwargs)
+    bases_paths = hub_download(bases_repo, BASES_FILES, subfolder=bases_subfolder, revision=bases_revision,
+                               what=f"bases of adapter {name!r}", error_cls=BasesPullError, **hub_kwargs)
     bases_files = Path(bases_paths[0]).parent
     fingerprint = _verify(spec, files, bases_files, bases_where)
     card = None
@@ -219,7 +220,7 @@ def _place(source: Path, target: Path) -> None:
 
 def _fill_bases(folder: Path, download: Download) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (BASES_CONFIG_NAME, BASES_WEIGHTS_NAME):
+    for name in BASES_FILES:
         _place(download.pulled.bases_dir / name, folder / name)
 
 

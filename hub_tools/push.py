@@ -33,8 +33,8 @@ from peft_jd.compression.cards import collection_card, sigma_card
 from peft_jd.core import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
-    BASES_CONFIG_NAME,
     BASES_DIR,
+    BASES_FILES,
     BASES_WEIGHTS_NAME,
     CARD_NAME,
     INDEX_NAME,
@@ -153,7 +153,7 @@ def _ensure_repo(api: HfApi, repo_id: str, private: bool) -> None:
 
 def _push_bases(api: HfApi, collection: LocalCollection, repo_id: str, folder: str) -> tuple[str, bool]:
     prefix = f"{folder}/" if folder else ""
-    uploads = [Upload(prefix + name, collection.bases_dir / name) for name in (BASES_CONFIG_NAME, BASES_WEIGHTS_NAME)]
+    uploads = [Upload(prefix + name, collection.bases_dir / name) for name in BASES_FILES]
     todo = remote.changed(api, repo_id, uploads)
     remote.commit(api, repo_id, todo, f"Upload JD-LoRA bases (sha256 {collection.fingerprint[:12]})")
     return remote.bases_pin(api, repo_id, folder), bool(todo)

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -15,3 +16,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def collection(collection_source, tmp_path):
+    """A private copy, for a test to modify, of the module's (module-scoped) `collection_source` fixture."""
+    root = tmp_path / "collection"
+    shutil.copytree(collection_source, root)
+    return root

@@ -47,15 +47,20 @@ def with_delta(model, data, adapter):
     return model
 
 
+def assert_layers_add_dense_delta(model, data, adapter, base_layer_type, tol):
+    """Every JD layer of `model` wraps a `base_layer_type` and adds to its output exactly `adapter`'s dense ΔW."""
+    with torch.no_grad():
+        for key, layer in model.base_model.jd_layers().items():
+            assert isinstance(layer.get_base_layer(), base_layer_type)
+            x_in = torch.randn(4, layer.in_features)
+            expected = layer.get_base_layer()(x_in) + x_in @ dense_delta(data, adapter, key).T
+            torch.testing.assert_close(layer(x_in), expected, atol=tol, rtol=tol)
+
+
 def test_4bit_layer_update_equals_dense_delta(quantized_setup):
     root, data, _, quantized = quantized_setup
     model = PeftModel.from_pretrained(copy.deepcopy(quantized), str(root / "coll" / "adapters" / "task-0"))
-    with torch.no_grad():
-        for key, layer in model.base_model.jd_layers().items():
-            assert isinstance(layer.get_base_layer(), bnb.nn.Linear4bit)
-            x_in = torch.randn(4, layer.in_features)
-            expected = layer.get_base_layer()(x_in) + x_in @ dense_delta(data, "task-0", key).T
-            torch.testing.assert_close(layer(x_in), expected, atol=1e-5, rtol=1e-5)
+    assert_layers_add_dense_delta(model, data, "task-0", bnb.nn.Linear4bit, tol=1e-5)
 
 
 def test_4bit_mixed_batch_matches_rows_alone_and_dequantized_reference(quantized_setup):
@@ -105,9 +110,4 @@ def test_8bit_layer_update_equals_dense_delta(quantized_setup, tmp_path):
     model8 = AutoModelForCausalLM.from_pretrained(root / "model", quantization_config=quant, device_map="cpu")
     model8.config._name_or_path = "tiny-llama"
     model = PeftModel.from_pretrained(model8, str(root / "coll" / "adapters" / "task-0"))
-    with torch.no_grad():
-        for key, layer in model.base_model.jd_layers().items():
-            assert isinstance(layer.get_base_layer(), bnb.nn.Linear8bitLt)
-            x_in = torch.randn(4, layer.in_features)
-            expected = layer.get_base_layer()(x_in) + x_in @ dense_delta(data, "task-0", key).T
-            torch.testing.assert_close(layer(x_in), expected, atol=1e-4, rtol=1e-4)
+    assert_layers_add_dense_delta(model, data, "task-0", bnb.nn.Linear8bitLt, tol=1e-4)

@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from utils import make_collection, tiny_llama
+from utils import edit_adapter_config, make_collection, tiny_llama
 
 import peft_jd
-from peft_jd.core import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, BASES_WEIGHTS_NAME
+from peft_jd.core import ADAPTER_WEIGHTS_NAME, BASES_WEIGHTS_NAME
 
 
 @pytest.fixture()
 def coll(tmp_path):
     make_collection(tmp_path / "a", tiny_llama(), n_adapters=2, r=4, clusters=2)
     return tmp_path
-
-
-def edit_config(adapter_dir, **changes):
-    path = adapter_dir / ADAPTER_CONFIG_NAME
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
 
 
 def test_missing_bases(coll):
@@ -104,14 +96,14 @@ def test_other_bases_collection_is_refused(coll):
 
 def test_fingerprint_mismatch_after_recompression(coll):
     adapter = coll / "a" / "adapters" / "task-0"
-    edit_config(adapter, bases_fingerprint="0" * 64)
+    edit_adapter_config(adapter, bases_fingerprint="0" * 64)
     with pytest.raises(peft_jd.BasesMismatchError, match="fingerprint"):
         PeftModel.from_pretrained(tiny_llama(), str(adapter))
 
 
 def test_cluster_out_of_range(coll):
     adapter = coll / "a" / "adapters" / "task-0"
-    edit_config(adapter, cluster=5)
+    edit_adapter_config(adapter, cluster=5)
     model = PeftModel.from_pretrained(tiny_llama(), str(coll / "a" / "adapters" / "task-1"))
     with pytest.raises(peft_jd.BasesMismatchError, match="cluster 5"):
         model.load_adapter(str(adapter), adapter_name="bad")
@@ -120,7 +112,7 @@ def test_cluster_out_of_range(coll):
 
 def test_rank_mismatch(coll):
     adapter = coll / "a" / "adapters" / "task-0"
-    edit_config(adapter, r=8)
+    edit_adapter_config(adapter, r=8)
     with pytest.raises(peft_jd.JDLoraError, match="r=8"):
         PeftModel.from_pretrained(tiny_llama(), str(adapter))
 

@@ -3,17 +3,15 @@ is validated like every loader's; an existing OUT is replaced only when it is sa
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from utils import make_collection, tiny_llama
+from utils import edit_adapter_config, make_collection, tiny_llama
 
 import peft_jd
 from peft_jd.cli import main
-from peft_jd.core import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from peft_jd.core import ADAPTER_WEIGHTS_NAME
 from peft_jd.export import export_adapter_to_lora
 
 
@@ -32,11 +30,6 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 def assert_one_line_error(err: str, pattern: str) -> None:
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert pattern in err, err
-
-
-def edit_config(adapter_dir, **changes):
-    path = adapter_dir / ADAPTER_CONFIG_NAME
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 def test_export_lora_command_writes_an_exact_peft_lora(tmp_path, adapter, capsys):
@@ -58,7 +51,7 @@ def test_export_lora_command_reports_missing_adapter(tmp_path, capsys):
 
 @pytest.mark.parametrize("cluster", [-1, 2, 99])
 def test_cluster_out_of_range_is_a_bases_mismatch(tmp_path, adapter, capsys, cluster):
-    edit_config(adapter, cluster=cluster)
+    edit_adapter_config(adapter, cluster=cluster)
     with pytest.raises(peft_jd.BasesMismatchError, match=f"cluster {cluster} .* 2 cluster"):
         export_adapter_to_lora(str(adapter))
     code, _, err = run(capsys, adapter, tmp_path / "out")
@@ -67,7 +60,7 @@ def test_cluster_out_of_range_is_a_bases_mismatch(tmp_path, adapter, capsys, clu
 
 
 def test_rank_in_the_config_is_checked_against_the_bases(tmp_path, adapter):
-    edit_config(adapter, r=8)
+    edit_adapter_config(adapter, r=8)
     with pytest.raises(peft_jd.ShapeMismatchError, match="r=8 but bases .* rank 4"):
         export_adapter_to_lora(str(adapter))
 

@@ -49,24 +49,17 @@ SECRET = b"hf_" + b"s3cr3t-token-that-must-never-leave" * 4
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
+def collection_source(tmp_path_factory):
+    """The module's collection; tests that modify it take `collection`, a private copy (conftest.py)."""
     root = tmp_path_factory.mktemp("safety-collection")
     make_collection(root, tiny_llama(), n_adapters=2, r=4, clusters=2)
     return root
 
 
 @pytest.fixture
-def collection(source, tmp_path):
-    """A private copy of the collection (tests modify it)."""
-    root = tmp_path / "collection"
-    shutil.copytree(source, root)
-    return root
-
-
-@pytest.fixture
-def pushed(hub, source):
+def pushed(hub, collection_source):
     """`org/collection` (single-repo layout) on the local Hub; returns its index."""
-    push_collection(source, repo="org/collection", progress=False)
+    push_collection(collection_source, repo="org/collection", progress=False)
     return json.loads(hub.file_bytes("org/collection", INDEX_NAME))
 
 
@@ -131,10 +124,10 @@ def test_index_key_leaving_local_dir_is_refused(hub, pushed, tmp_path, hostile):
         list_collection("org/collection")
 
 
-def test_subfolder_escaping_the_hub_cache_is_refused(hub, pushed, source, tmp_path):
+def test_subfolder_escaping_the_hub_cache_is_refused(hub, pushed, collection_source, tmp_path):
     # A local adapter folder that `../` components from the snapshot folder reach (old code returned it as downloaded).
     outside = tmp_path / "outside" / "adapter"
-    shutil.copytree(source / "adapters" / "task-0", outside)
+    shutil.copytree(collection_source / "adapters" / "task-0", outside)
     config = json.loads((outside / ADAPTER_CONFIG_NAME).read_text())
     config.update(bases="org/collection", bases_subfolder="bases", bases_revision=pushed["bases"]["revision"])
     (outside / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
@@ -150,10 +143,10 @@ def test_subfolder_escaping_the_hub_cache_is_refused(hub, pushed, source, tmp_pa
 
 @pytest.mark.parametrize("field, value", [("bases_subfolder", "../../../../../etc"), ("bases", "/etc/passwd-dir"),
                                           ("bases_revision", "../../../../victim")])
-def test_bases_reference_from_config_cannot_leave_the_cache(hub, pushed, source, tmp_path, field, value):
-    config = json.loads((source / "adapters" / "task-0" / ADAPTER_CONFIG_NAME).read_text())
+def test_bases_reference_from_config_cannot_leave_the_cache(hub, pushed, collection_source, tmp_path, field, value):
+    config = json.loads((collection_source / "adapters" / "task-0" / ADAPTER_CONFIG_NAME).read_text())
     config.update({"bases": "org/collection", "bases_subfolder": "bases", field: value})
-    weights = (source / "adapters" / "task-0" / ADAPTER_WEIGHTS_NAME).read_bytes()
+    weights = (collection_source / "adapters" / "task-0" / ADAPTER_WEIGHTS_NAME).read_bytes()
     _commit("org/hostile", {ADAPTER_CONFIG_NAME: json.dumps(config).encode(), ADAPTER_WEIGHTS_NAME: weights})
     before = _snapshot(tmp_path)
     with pytest.raises(JDLoraError, match="bases"):
@@ -176,7 +169,9 @@ def test_local_dir_onto_a_user_folder_is_refused_unless_overwrite(hub, pushed, t
     assert sorted(p.name for p in (victim / "adapters").iterdir()) == ["task-0", "task-1"]
 
 
-def test_local_dir_that_a_pull_wrote_is_extended_and_files_links_outputs_refused(hub, pushed, source, tmp_path):
+def test_local_dir_that_a_pull_wrote_is_extended_and_files_links_outputs_refused(
+    hub, pushed, collection_source, tmp_path
+):
     local = tmp_path / "local"
     pull_adapter("org/collection", subfolder="adapters/task-0", local_dir=local)
     pulled = pull_adapter("org/collection", subfolder="adapters/task-1", local_dir=local)
@@ -191,7 +186,7 @@ def test_local_dir_that_a_pull_wrote_is_extended_and_files_links_outputs_refused
     assert (tmp_path / "a-file").read_text() == "x"
     # A compression output (marker + report) is not extended: its report would not list the pulled adapter.
     compressed = tmp_path / "compressed"
-    shutil.copytree(source, compressed)
+    shutil.copytree(collection_source, compressed)
     write_marker(compressed, KIND_COLLECTION)
     (compressed / REPORT_NAME).write_text("{}")
     before = _snapshot(compressed)
@@ -231,8 +226,8 @@ def test_pull_all_of_an_empty_index_is_a_clear_error(hub, pushed, capsys):
     assert status == 1 and err.startswith("error: ") and err.count("\n") == 1 and "no adapters" in err
 
 
-def test_pull_validates_sigma_against_its_bases(hub, pushed, source, tmp_path):
-    weights = load_file(source / "adapters" / "task-0" / ADAPTER_WEIGHTS_NAME)
+def test_pull_validates_sigma_against_its_bases(hub, pushed, collection_source, tmp_path):
+    weights = load_file(collection_source / "adapters" / "task-0" / ADAPTER_WEIGHTS_NAME)
     key = sorted(weights)[0]
     weights[key] = torch.full_like(weights[key], float("nan"))
     save_file(weights, tmp_path / "nan.safetensors")
@@ -259,11 +254,11 @@ def test_push_refuses_symlinked_weights(hub, collection, tmp_path, target):
 
 
 @pytest.mark.parametrize("linked", ["adapter folder", "bases folder", "report"])
-def test_push_refuses_files_outside_the_collection(hub, collection, source, tmp_path, linked):
+def test_push_refuses_files_outside_the_collection(hub, collection, collection_source, tmp_path, linked):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     if linked == "adapter folder":
-        shutil.copytree(source / "adapters" / "task-0", elsewhere / "task-9")
+        shutil.copytree(collection_source / "adapters" / "task-0", elsewhere / "task-9")
         (collection / "adapters" / "task-9").symlink_to(elsewhere / "task-9")
     elif linked == "bases folder":
         shutil.move(collection / "bases", elsewhere / "bases")
@@ -399,7 +394,7 @@ ATTACKS = ("index key", "index subfolder", "subfolder argument", "adapter name a
            "bases_revision")
 
 
-def test_hostile_names_and_subfolders_never_write_outside_the_destination(hub, pushed, source, tmp_path):
+def test_hostile_names_and_subfolders_never_write_outside_the_destination(hub, pushed, collection_source, tmp_path):
     victim = _victim(tmp_path)
     dest = tmp_path / "a" / "b" / "dest"
     allowed = [dest, lock_path(dest)]
@@ -410,7 +405,7 @@ def test_hostile_names_and_subfolders_never_write_outside_the_destination(hub, p
         for kind in ATTACKS:
             before = _snapshot(tmp_path, skip=(cache,))
             try:
-                _attack(kind, value, pushed, source, dest)
+                _attack(kind, value, pushed, collection_source, dest)
                 outcomes["pulled"] += 1
             except JDLoraError:
                 outcomes["refused"] += 1

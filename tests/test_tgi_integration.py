@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
+from forked_ranks import run_forked_ranks
 
 
 pytestmark = pytest.mark.skipif(
@@ -296,12 +296,6 @@ def test_jd_modules_outside_tgi_adapter_layers_fail_loading(tgi, adapters, tmp_p
 
 
 # --------------------------------------------------------------------------------------------- tensor parallel
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tp_worker(rank, tgi, root, weights, port, queue):
     import torch.distributed as dist
 
@@ -324,21 +318,8 @@ REQUESTS_TP = [("jd-1", 2), ("plain", 2), ("", 1), ("jd-0", 3)]
 
 
 def test_tensor_parallel_two_shards_with_gloo(tgi, adapters):
-    import multiprocessing
-
     root, deltas, weights = adapters
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    port = _free_port()
-    workers = [context.Process(target=_tp_worker, args=(rank, tgi, root, weights, port, queue)) for rank in (0, 1)]
-    for worker in workers:
-        worker.start()
-    results = {}
-    for _ in workers:
-        results.update(queue.get(timeout=180))
-    for worker in workers:
-        worker.join(timeout=30)
-    assert "error" not in results, results.get("error")
+    results = run_forked_ranks(_tp_worker, (tgi, root, weights), world_size=2, timeout=180)
     token_ids = [name for name, count in REQUESTS_TP for _ in range(count)]
     inputs = _inputs(len(token_ids))
     for name, (prefix, modules) in GROUPS.items():

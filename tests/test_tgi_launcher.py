@@ -10,7 +10,7 @@ import shutil
 import huggingface_hub
 import pytest
 from safetensors.torch import load_file, save_file
-from utils import make_collection, tiny_llama
+from utils import edit_adapter_config, make_collection, tiny_llama
 
 from peft_jd.core import (
     ADAPTER_CONFIG_NAME,
@@ -29,25 +29,11 @@ from tgi_patch.resolve import AdapterEntry, LaunchError, parse_adapter_entries
 
 
 @pytest.fixture(scope="module")
-def collection_dir(tmp_path_factory):
+def collection_source(tmp_path_factory):
+    """The module's collection; tests that edit adapter files take `collection`, a private copy (conftest.py)."""
     root = tmp_path_factory.mktemp("collection")
     make_collection(root, tiny_llama(), n_adapters=3, r=4, clusters=2)
     return root
-
-
-@pytest.fixture
-def collection(tmp_path, collection_dir):
-    """A private copy (tests edit adapter files)."""
-    root = tmp_path / "coll"
-    shutil.copytree(collection_dir, root)
-    return root
-
-
-def _edit_config(adapter_dir, **changes):
-    path = adapter_dir / ADAPTER_CONFIG_NAME
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
 
 
 def _poison_sigma(adapter_dir, value=float("nan")):
@@ -120,19 +106,20 @@ def test_plan_without_jd_adapters_leaves_tgi_unchanged():
 @pytest.mark.parametrize(
     "edit,error,match",
     [
-        (lambda c: _edit_config(c / "adapters/task-1", bases_fingerprint="0" * 64), BasesMismatchError,
+        (lambda c: edit_adapter_config(c / "adapters/task-1", bases_fingerprint="0" * 64), BasesMismatchError,
          "task-1.*fingerprint 000000000000"),
-        (lambda c: _edit_config(c / "adapters/task-1", r=8), ShapeMismatchError, "task-1.*r=8.*rank 4"),
-        (lambda c: _edit_config(c / "adapters/task-1", sigma_type="diag"), SigmaTypeMismatchError,
+        (lambda c: edit_adapter_config(c / "adapters/task-1", r=8), ShapeMismatchError, "task-1.*r=8.*rank 4"),
+        (lambda c: edit_adapter_config(c / "adapters/task-1", sigma_type="diag"), SigmaTypeMismatchError,
          "task-1.*sigma_type='diag'"),
-        (lambda c: _edit_config(c / "adapters/task-1", cluster=5), BasesMismatchError, "cluster 5.*2 cluster"),
+        (lambda c: edit_adapter_config(c / "adapters/task-1", cluster=5), BasesMismatchError, "cluster 5.*2 cluster"),
         (lambda c: _poison_sigma(c / "adapters/task-1"), AdapterFormatError, "task-1.*NaN or inf"),
         (lambda c: _poison_sigma(c / "adapters/task-1", float("inf")), AdapterFormatError, "task-1.*NaN or inf"),
-        (lambda c: _edit_config(c / "adapters/task-1", modules_to_save=["lm_head"]), AdapterFormatError,
+        (lambda c: edit_adapter_config(c / "adapters/task-1", modules_to_save=["lm_head"]), AdapterFormatError,
          "task-1.*modules_to_save"),
-        (lambda c: _edit_config(c / "adapters/task-1", bases="../../nowhere"), LaunchError, "nowhere.*does not exist"),
+        (lambda c: edit_adapter_config(c / "adapters/task-1", bases="../../nowhere"), LaunchError,
+         "nowhere.*does not exist"),
         (lambda c: (c / "bases/jd_bases.safetensors").unlink(), LaunchError, "jd_bases.safetensors does not exist"),
-        (lambda c: _edit_config(c / "adapters/task-1", peft_type="LORA"), AdapterFormatError,
+        (lambda c: edit_adapter_config(c / "adapters/task-1", peft_type="LORA"), AdapterFormatError,
          "peft_type='LORA'.*Pass plain LoRA adapters with --lora-adapters"),
     ],
 )

@@ -6,11 +6,10 @@ The processes are forked (the parent's imports are reused) and run single-thread
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from forked_ranks import run_forked_ranks
 from utils import dense_delta, make_collection, tiny_llama
 
 from peft_jd.core import load_shared_bases
@@ -23,12 +22,6 @@ from tgi_patch.weights import COLUMN, ROW, TargetLayer
 WORLD_SIZE = 2
 NAMES = ["task-0", "task-1", "task-2"]
 TOKEN_ADAPTERS = [None, "task-0", "task-2", "task-1", "task-1", None, "task-0"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shard_output(root: str, parallel: str, rank: int, x: torch.Tensor, graph_safe: bool) -> torch.Tensor:
@@ -74,18 +67,7 @@ def _worker(rank: int, root: str, port: int, results) -> None:
 
 def test_row_and_column_parallel_match_dense_reference(tmp_path):
     collection = make_collection(tmp_path, tiny_llama(), n_adapters=3, r=4, clusters=2)
-    context = mp.get_context("fork")
-    queue = context.Queue()
-    port = _free_port()
-    workers = [context.Process(target=_worker, args=(rank, str(tmp_path), port, queue)) for rank in range(WORLD_SIZE)]
-    for worker in workers:
-        worker.start()
-    results = {}
-    for _ in workers:
-        results.update(queue.get(timeout=120))
-    for worker in workers:
-        worker.join(timeout=30)
-    assert "error" not in results, results.get("error")
+    results = run_forked_ranks(_worker, (str(tmp_path),), world_size=WORLD_SIZE, timeout=120)
     results = {key: torch.tensor(value) for key, value in results.items()}
     torch.manual_seed(0)
     x = torch.randn(len(TOKEN_ADAPTERS), 64)

@@ -18,20 +18,25 @@ from safetensors.numpy import load_file as load_numpy
 
 from peft_jd.core import BasesConfig, write_bases, write_sigma_adapter
 from peft_jd.tuner.config import JDLoraConfig
-from peft_jd.zoo.collection import (
+from peft_jd.zoo import (
+    BASE_ADAPTER,
+    TrainSettings,
+    build_requests,
     compress_collection,
+    evaluate,
+    get_task,
     jd_parameters,
     load_jd_collection,
     load_lora_collection,
+    load_tiny_model,
     lora_parameters,
+    make_splits,
     reconstruction_errors,
     release,
+    train_adapter,
     truncate_lora,
 )
-from peft_jd.zoo.evaluate import BASE_ADAPTER, build_requests, evaluate
-from peft_jd.zoo.model import load_tiny_model
-from peft_jd.zoo.tasks import get_task, make_splits
-from peft_jd.zoo.train import TrainSettings, train_adapter, validate
+from peft_jd.zoo.train import validate
 
 
 TASK_NAMES = ("parity", "acronym")
@@ -189,15 +194,20 @@ def test_lora_mixed_batches_match_single_adapter_generation(tiny, random_loras, 
     assert set(mixed.per_task) == set(TASK_NAMES) and mixed.tokens > 0
 
 
-def test_exact_jd_collection_reproduces_lora_predictions(tiny, random_loras, requests, tmp_path):
-    exact_jd(random_loras, tmp_path / "jd")
-    lora_model = load_lora_collection(tiny, random_loras)
+def assert_generates_like_loras(tiny, loras, requests, jd_dir):
+    """The JD collection in `jd_dir` generates, in mixed batches, exactly what the LoRAs generate."""
+    lora_model = load_lora_collection(tiny, loras)
     lora = evaluate(lora_model, tiny.tokenizer, requests, batch_size=8, progress=False)
     release(tiny, lora_model)
-    jd_model = load_jd_collection(tiny, tmp_path / "jd", list(TASK_NAMES), progress=False)
+    jd_model = load_jd_collection(tiny, jd_dir, list(TASK_NAMES), progress=False)
     jd = evaluate(jd_model, tiny.tokenizer, requests, batch_size=8, progress=False)
     release(tiny, jd_model)
     assert jd.agreement(lora) == 1.0
+
+
+def test_exact_jd_collection_reproduces_lora_predictions(tiny, random_loras, requests, tmp_path):
+    exact_jd(random_loras, tmp_path / "jd")
+    assert_generates_like_loras(tiny, random_loras, requests, tmp_path / "jd")
     errors = reconstruction_errors(random_loras, tmp_path / "jd")
     assert set(errors) == set(TASK_NAMES) and max(errors.values()) < 1e-8
     with pytest.raises(FileNotFoundError, match="no adapter 'missing'"):
@@ -208,13 +218,7 @@ def test_compression_engine_lossless_rank_and_independent_error_check(tiny, rand
     # Rank n·r = 8 spans every adapter exactly: JD must generate what the LoRAs generate.
     compress_collection(random_loras, tmp_path / "full", "jd-full", 8, progress=False)
     assert max(reconstruction_errors(random_loras, tmp_path / "full").values()) < 1e-8
-    lora_model = load_lora_collection(tiny, random_loras)
-    lora = evaluate(lora_model, tiny.tokenizer, requests, batch_size=8, progress=False)
-    release(tiny, lora_model)
-    jd_model = load_jd_collection(tiny, tmp_path / "full", list(TASK_NAMES), progress=False)
-    jd = evaluate(jd_model, tiny.tokenizer, requests, batch_size=8, progress=False)
-    release(tiny, jd_model)
-    assert jd.agreement(lora) == 1.0
+    assert_generates_like_loras(tiny, random_loras, requests, tmp_path / "full")
     # A lossy JD-Diag collection: the engine's own error report agrees with ours, computed from the files.
     report = compress_collection(random_loras, tmp_path / "diag", "jd-diag", 4, progress=False)
     errors = reconstruction_errors(random_loras, tmp_path / "diag")

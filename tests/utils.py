@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from peft_jd.core import BasesConfig, write_bases, write_sigma_adapter
+from peft_jd.core import ADAPTER_CONFIG_NAME, BasesConfig, write_bases, write_sigma_adapter
 from peft_jd.tuner.config import JDLoraConfig
 
 
@@ -107,3 +107,9 @@ def dense_delta(collection: dict, adapter: str, module_key: str) -> torch.Tensor
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def edit_adapter_config(adapter_dir: Path, **changes) -> None:
+    """Sets `changes` in the adapter config of the folder `adapter_dir`, keeping its other fields."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
+    path.write_text(json.dumps({**read_json(path), **changes}))

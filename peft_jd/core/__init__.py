@@ -51,10 +51,12 @@ from .io import (
 )
 from .layout import (
     ADAPTER_CONFIG_NAME,
+    ADAPTER_FILES,
     ADAPTER_WEIGHTS_NAME,
     ADAPTERS_DIR,
     BASES_CONFIG_NAME,
     BASES_DIR,
+    BASES_FILES,
     BASES_WEIGHTS_NAME,
     CARD_NAME,
     INDEX_NAME,
@@ -85,12 +87,14 @@ from .validation import read_adapter_tensors, read_sigma_shapes, split_adapter_k
 __all__ = [
     "ADAPTERS_DIR",
     "ADAPTER_CONFIG_NAME",
+    "ADAPTER_FILES",
     "ADAPTER_WEIGHTS_NAME",
     "AdapterFormatError",
     "AdapterNameError",
     "AdapterSpec",
     "BASES_CONFIG_NAME",
     "BASES_DIR",
+    "BASES_FILES",
     "BASES_WEIGHTS_NAME",
     "BASE_SLOT",
     "BaseModelMismatchError",

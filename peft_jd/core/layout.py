@@ -35,6 +35,10 @@ BASES_CONFIG_NAME = "jd_bases_config.json"
 BASES_WEIGHTS_NAME = "jd_bases.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# What a bases folder and an adapter folder need (their cards are optional), config first: what is downloaded,
+# uploaded or copied together.
+BASES_FILES = (BASES_CONFIG_NAME, BASES_WEIGHTS_NAME)
+ADAPTER_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
 
 MARKER_NAME = ".peft-jd.json"
 LOCK_SUFFIX = ".peft-jd.lock"

@@ -114,17 +114,9 @@ def default_launch_config(
     )
 
 
-def _check_inputs(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    U: torch.Tensor,
-    V: torch.Tensor,
-    sigma_stack: torch.Tensor,
-    slot_index: torch.Tensor,
-    slot_cluster: torch.Tensor,
-    scaling: Union[float, torch.Tensor],
-) -> None:
-    """Shape, dtype and device checks that read no device memory (slot values are trusted, see docs/kernels.md)."""
+def _check_inputs(y, x, U, V, sigma_stack, slot_index, slot_cluster, scaling) -> None:
+    """Shape, dtype and device checks of `jd_lora_apply_triton`'s arguments that read no device memory (slot values
+    are trusted, see docs/kernels.md)."""
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"JD-LoRA kernel: x {tuple(x.shape)} and y {tuple(y.shape)} must be (T, in) and (T, out).")
     if U.dim() != 3 or V.dim() != 3 or U.shape[0] != V.shape[0] or U.shape[2] != V.shape[2]:
@@ -205,14 +197,9 @@ def jd_lora_apply_triton(
     fp32, `x` is rounded to `V`'s dtype and `Σ V[c]ᵀ x` to `U`'s dtype before the expand, as in the PyTorch path.
 
     Args:
-        y: `(T, out_features)` output rows, updated in place.
-        x: `(T, in_features)` input rows.
-        U: `(num_clusters, out_features, r)` shared output bases.
-        V: `(num_clusters, in_features, r)` shared input bases.
-        sigma_stack: `(num_slots, r, r)` full Σ or `(num_slots, r)` diagonal Σ.
-        slot_index: `(T,)` int slot per row, each in `[0, num_slots)` (not checked: that would synchronise).
-        slot_cluster: `(num_slots,)` int cluster per slot, each in `[0, num_clusters)`.
-        scaling: A float, or a `(num_slots,)` tensor of per-slot multipliers.
+        y, x, U, V, sigma_stack, slot_index, slot_cluster, scaling: As in `peft_jd.kernels.jd_lora_apply`; the slot
+            tensors may be int32 or int64, and their values, which must lie in `[0, num_slots)` and
+            `[0, num_clusters)`, are not checked (that would synchronise).
         config: Tile sizes; unset fields come from `default_launch_config`.
     """
     _check_inputs(y, x, U, V, sigma_stack, slot_index, slot_cluster, scaling)
