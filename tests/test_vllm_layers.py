@@ -19,7 +19,7 @@ from peft_jd.core import BASE_SLOT, load_shared_bases
 from peft_jd.core.errors import AdapterFormatError, BasesMismatchError, UnknownAdapterError
 from vllm_jd.adapters import JDAdapterRef, locate_jd_adapter, read_checked_sigmas
 from vllm_jd.frontend import FrontendRegistry
-from vllm_jd.ops import set_current_store, wrap_linear_forward
+from vllm_jd.ops import install_jd_update, set_current_store
 from vllm_jd.plugin import check_vllm_version
 from vllm_jd.store import JDStore, LayerTarget
 
@@ -27,16 +27,26 @@ from vllm_jd.store import JDStore, LayerTarget
 PREFIX = "model.layers.0.self_attn"
 
 
-class FakeQKV(torch.nn.Module):
-    """vLLM-style packed q/k/v projection: returns `(x Wᵀ, None)`; rows flagged `plain` get a plain LoRA B A x."""
+class FakeLinearMethod:
+    """vLLM's unquantized linear method: `apply(layer, x, bias)` is the layer's local matmul."""
 
-    def __init__(self, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor):
+    def apply(self, layer, x, bias=None):
+        y = x @ layer.weight.T
+        return y if bias is None else y + bias
+
+
+class FakeQKV(torch.nn.Module):
+    """vLLM-style packed q/k/v projection: returns `(x Wᵀ, None)`, its matmul in `quant_method.apply`; rows flagged
+    `plain` then get a plain LoRA B A x (as vLLM's LoRA wrapper adds it after `apply`)."""
+
+    def __init__(self, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, method=None):
         super().__init__()
         self.weight, self.lora_a, self.lora_b = weight, lora_a, lora_b
+        self.quant_method = method or FakeLinearMethod()
         self.plain_rows = torch.zeros(0, dtype=torch.bool)
 
     def forward(self, x):
-        y = x @ self.weight.T
+        y = self.quant_method.apply(self, x, None)
         if self.plain_rows.any():
             y[self.plain_rows] += (x[self.plain_rows] @ self.lora_a.T) @ self.lora_b.T
         return y, None
@@ -69,7 +79,7 @@ def setup(request, tmp_path_factory, single_thread):
         sigmas = read_checked_sigmas(spec, ref.directory, bases.config, "test bases")
         slots[name] = store.load(ref.key, sigmas, {k: spec.cluster_of(k) for k in sigmas}, spec.scaling)
     qkv = FakeQKV(weight, lora_a, lora_b)
-    wrap_linear_forward(qkv, layer_id)
+    install_jd_update(qkv, layer_id)
     set_current_store(store)
     yield types.SimpleNamespace(clusters=clusters, root=root, collection=collection, store=store, qkv=qkv, slots=slots,
                                 bases=bases, uncovered_id=uncovered_id, linears=linears, lora=(lora_a, lora_b))
@@ -247,3 +257,29 @@ def test_cpu_lora_fix_zeroes_rows_without_lora():
     torch.testing.assert_close(out[0], 2.0 * weights[0] @ x[0])
     torch.testing.assert_close(out[2], 2.0 * weights[1] @ x[2])
     assert not out[1].any() and not out[3].any()
+
+
+def test_quant_method_shared_by_layers_serves_each_its_own_update(setup):
+    """vLLM may share one quant method between layers: the layer id comes from the `layer` argument of `apply`."""
+    s = setup
+    method = FakeLinearMethod()
+    first = FakeQKV(s.qkv.weight, *s.lora, method=method)
+    second = FakeQKV(torch.randn_like(s.qkv.weight), *s.lora, method=method)
+    store = JDStore(initial_capacity=4)
+    target = LayerTarget(f"{PREFIX}.qkv_proj", tuple(f"{PREFIX}.{t}" for t in TARGETS),
+                         tuple(lin.out_features for lin in s.linears))
+    install_jd_update(first, store.add_layer(target))
+    install_jd_update(second, store.add_layer(LayerTarget("other", ("not-in-bases",), (s.qkv.weight.shape[0],))))
+    store.attach_bases(s.bases)
+    ref = JDAdapterRef("task-0", 1, str(s.root / "adapters" / "task-0"))
+    spec = ref.spec()
+    sigmas = read_checked_sigmas(spec, ref.directory, s.bases.config, "b")
+    slot = store.load(ref.key, sigmas, {k: spec.cluster_of(k) for k in sigmas}, spec.scaling)
+    x = torch.randn(2, 64)
+    set_current_store(store)
+    try:
+        store.set_token_slots([slot, slot])
+        torch.testing.assert_close(first(x)[0], _reference(s, x, ["task-0"] * 2, [False] * 2), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(second(x)[0], x @ second.weight.T)  # not covered: no update
+    finally:
+        set_current_store(s.store)

@@ -35,6 +35,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 TARGETS = ["q_proj", "k_proj", "v_proj"]
+# Every projection of a Llama layer: column-parallel q/k/v/gate/up and row-parallel o/down under tensor parallelism.
+ALL_TARGETS = [*TARGETS, "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_ADAPTERS = 120
 RANK = 4
 NEW_TOKENS = 8
@@ -74,21 +76,23 @@ def build_model(directory: Path, vocab_size: int) -> LlamaForCausalLM:
     return model
 
 
-def build_collection(root: Path, model, n_adapters: int = N_ADAPTERS, clusters: int = 2, seed: int = 0) -> dict:
-    """Random orthonormal bases (2 clusters) and `n_adapters` full-Σ adapters for q/k/v of every layer."""
+def build_collection(root: Path, model, n_adapters: int = N_ADAPTERS, clusters: int = 2, seed: int = 0,
+                     targets: tuple[str, ...] = tuple(TARGETS)) -> dict:
+    """Random orthonormal bases (2 clusters) and `n_adapters` full-Σ adapters for `targets` of every layer."""
+    targets = list(targets)
     gen = torch.Generator().manual_seed(seed)
     bases, sigmas = {}, {f"task-{i}": {} for i in range(n_adapters)}
-    linears = {n: m for n, m in model.named_modules() if n.split(".")[-1] in TARGETS}
+    linears = {n: m for n, m in model.named_modules() if n.split(".")[-1] in targets}
     for key, lin in linears.items():
         U = torch.linalg.qr(torch.randn(clusters, lin.out_features, RANK, generator=gen))[0]
         V = torch.linalg.qr(torch.randn(clusters, lin.in_features, RANK, generator=gen))[0]
         bases[key] = (U.contiguous(), V.contiguous())
         for name in sigmas:
             sigmas[name][key] = 3.0 * torch.randn(RANK, RANK, generator=gen)
-    config = write_bases(root / "bases", bases, BasesConfig(RANK, "full", clusters, "tiny", TARGETS, {}))
+    config = write_bases(root / "bases", bases, BasesConfig(RANK, "full", clusters, "tiny", targets, {}))
     for i, name in enumerate(sigmas):
         adapter_config = {
-            "peft_type": "JDLORA", "r": RANK, "sigma_type": "full", "target_modules": TARGETS, "bases": "../../bases",
+            "peft_type": "JDLORA", "r": RANK, "sigma_type": "full", "target_modules": targets, "bases": "../../bases",
             "bases_fingerprint": config.fingerprint, "cluster": i % clusters, "scaling": 0.5 + (i % 3) * 0.25,
             "base_model_name_or_path": "tiny", "task_type": "CAUSAL_LM",
         }
@@ -209,8 +213,11 @@ def built(tmp_path_factory):
     (outside / "adapter_model.safetensors").write_bytes((root / "adapters" / "task-7" / "adapter_model.safetensors")
                                                         .read_bytes())
     write_corrupt_adapter(root / "adapters" / "broken", root / "adapters" / "task-0")
+    every_root = work / "every-projection"  # for tensor parallelism: column- and row-parallel layers
+    every = build_collection(every_root, model, n_adapters=4, seed=2, targets=ALL_TARGETS)
     return {"work": work, "model_dir": model_dir, "model": model, "tokenizer": tokenizer, "collection": collection,
-            "root": root, "plain_dir": plain_dir, "plain": plain_merged, "outside": outside, "extra_root": extra_root}
+            "root": root, "plain_dir": plain_dir, "plain": plain_merged, "outside": outside, "extra_root": extra_root,
+            "every_root": every_root, "every": every}
 
 
 ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -332,6 +339,37 @@ def test_jd_only_server_runs_the_compiled_model(built):
         references[name] = jd_merged(built["model"], built["collection"], built["root"], name)
     want = [greedy(references[name], built["tokenizer"], prompt) for name, prompt in jobs]
     assert got == want
+
+
+def test_tensor_parallel_2_matches_dense_reference(built):
+    """--tensor-parallel-size 2 on two CPU workers (one core each): adapters on every projection (column-parallel
+    q/k/v/gate/up, row-parallel o/down, whose partial updates the all-reduce sums) in one burst with base requests
+    equal the merged dense reference. Eager mode keeps the start short (the compiled path runs at tp 1 above)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallel 2 on vLLM's CPU build needs two cores (one per worker)")
+    env = {**ENV, "VLLM_JD_COLLECTIONS": str(built["every_root"]), "OMP_NUM_THREADS": "1",
+           # vLLM binds each CPU worker's threads to a NUMA node; with one node, bind them by hand.
+           "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"}
+    server = Server(built["model_dir"], ["--tensor-parallel-size", "2", "--enforce-eager"], env,
+                    built["work"] / "server-tp2.log")
+    try:
+        # The references are computed while the server starts (it spends most of a minute importing vLLM).
+        names = ["task-0", "task-1", "task-2", SERVED]
+        jobs = [(name, prompt) for prompt in PROMPTS[:4] for name in names]
+        references = {SERVED: built["model"]}
+        for name in names[:3]:
+            references[name] = jd_merged(built["model"], built["every"], built["every_root"], name)
+        want = [greedy(references[name], built["tokenizer"], prompt) for name, prompt in jobs]
+        server.wait_ready()
+        got = [r.get("ids", r) for r in complete({"server": server}, jobs)]
+        log = (built["work"] / "server-tp2.log").read_text()
+    finally:
+        server.stop()
+    assert "tensor_parallel_size=2" in log and "Worker_TP1" in log
+    assert got == want
+    base = {prompt: w for (name, prompt), w in zip(jobs, want) if name == SERVED}
+    assert sum(w != base[prompt] for (name, prompt), w in zip(jobs, want) if name != SERVED) >= 8
 
 
 if __name__ == "__main__":

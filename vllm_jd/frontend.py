@@ -42,7 +42,6 @@ class FrontendRegistry:
         self._bases_key: Optional[BasesKey] = None
         self._extra_collections: list[str] = []
         self._lock = threading.Lock()
-        self.tensor_parallel_size = 1
 
     def collections(self) -> list[str]:
         """Collections searched by the resolver: `VLLM_JD_COLLECTIONS`, then those given as `--lora-modules` paths."""
@@ -74,11 +73,6 @@ class FrontendRegistry:
         return ref
 
     def _check(self, ref: JDAdapterRef) -> None:
-        if self.tensor_parallel_size > 1:
-            raise JDLoraError(
-                f"adapter {ref.name!r}: the vLLM JD-LoRA plugin supports tensor_parallel_size=1 only "
-                f"(this server runs {self.tensor_parallel_size}); serve the collection on one device per replica."
-            )
         started = time.perf_counter()
         spec = ref.spec()
         key, config = bases_config_of(spec)
@@ -126,7 +120,6 @@ def _wrap_process_inputs(original):
 
 def _wrap_add_lora(original, is_async: bool):
     def accept(self, lora_request) -> bool:
-        _REGISTRY.tensor_parallel_size = self.vllm_config.parallel_config.tensor_parallel_size
         return _REGISTRY.inspect(lora_request) is not None
 
     if is_async:

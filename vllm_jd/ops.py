@@ -14,7 +14,7 @@ import torch
 from .store import JDStore
 
 
-__all__ = ["current_store", "set_current_store", "wrap_linear_forward"]
+__all__ = ["current_store", "install_jd_update", "set_current_store"]
 
 _STORE: Optional[JDStore] = None
 
@@ -41,21 +41,28 @@ def _apply_fake(y: torch.Tensor, x: torch.Tensor, layer_id: int) -> None:
     return None
 
 
-def wrap_linear_forward(module: torch.nn.Module, layer_id: int) -> None:
-    """Makes `module.forward` add the JD-LoRA update of layer `layer_id` to its output.
+def install_jd_update(layer: torch.nn.Module, layer_id: int) -> None:
+    """Makes the linear layer `layer` add the JD-LoRA update of layer `layer_id` inside `quant_method.apply`.
 
-    vLLM's linear layers return `output` or `(output, output_bias)`; both are handled. The module tree and its
-    weights are left as they are (the wrapper is an instance attribute, not a new module).
+    Every vLLM linear layer (and every LoRA wrapper of one) computes its local matmul as
+    `layer.quant_method.apply(layer, x, bias)` — before a row-parallel layer's all-reduce and before a gathering
+    column-parallel layer's all-gather, on the rank's input and output blocks. Adding the update there is right for
+    every tensor-parallel layout: a row-parallel rank adds its partial update and the all-reduce sums them. The
+    layer id is read from the `layer` argument, so a quant method shared by several layers serves each with its
+    own id. Module tree and weights are left as they are (the wrapper is an attribute of the quant method).
     """
-    if getattr(module, "_vllm_jd_layer_id", None) is not None:
+    layer._vllm_jd_layer_id = layer_id
+    method = layer.quant_method
+    if getattr(method, "_vllm_jd_wrapped", False):
         return
-    inner = module.forward
+    inner = method.apply
 
-    def forward(x: torch.Tensor, *args, **kwargs):
-        out = inner(x, *args, **kwargs)
-        y = out[0] if isinstance(out, tuple) else out
-        torch.ops.vllm_jd.apply_(y, x, layer_id)
+    def apply(target: torch.nn.Module, x: torch.Tensor, *args, **kwargs):
+        out = inner(target, x, *args, **kwargs)
+        target_id = getattr(target, "_vllm_jd_layer_id", None)
+        if target_id is not None:
+            torch.ops.vllm_jd.apply_(out[0] if isinstance(out, tuple) else out, x, target_id)
         return out
 
-    module.forward = forward
-    module._vllm_jd_layer_id = layer_id
+    method.apply = apply
+    method._vllm_jd_wrapped = True

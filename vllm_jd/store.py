@@ -10,6 +10,11 @@ Nothing here imports vLLM, so the maths can be tested against a dense reference 
   token of the current step; `apply(y, x, layer_id)` adds `U Σ[slot] Vᵀ x` to every row through
   `peft_jd.kernels.jd_lora_apply`: one shrink GEMM, the Σ step gathered by slot, one expand GEMM per projection,
   whatever the number of adapters in the batch.
+
+Tensor parallelism (one store per rank): a column-parallel layer (output sharded, full input) keeps the rows of U
+that produce this rank's output block and all of V; a row-parallel layer (input sharded, output all-reduced by vLLM)
+keeps the rows of V that read this rank's input block and all of U, so each rank adds the partial update
+`U Σ V_kᵀ x_k` before the all-reduce and the sum is the full update, with no extra communication. Σ is replicated.
 """
 
 from __future__ import annotations
@@ -29,22 +34,57 @@ from peft_jd.kernels import jd_lora_apply, select_backend
 # Under the "vllm" logger, so that messages appear in vLLM's own log output.
 logger = logging.getLogger(f"vllm.{__name__}")
 
-__all__ = ["JDLayer", "JDProjection", "JDStore", "LayerTarget"]
+__all__ = ["COLUMN", "ROW", "JDLayer", "JDProjection", "JDStore", "LayerTarget"]
+
+# How a layer is split over tensor-parallel ranks: output columns (full input), or input columns (partial output).
+COLUMN = "column"
+ROW = "row"
+UNSHARDED = (0, 1)
 
 
 @dataclass(frozen=True)
 class LayerTarget:
-    """Where a vLLM linear layer's output columns come from, in the bases' module keys.
+    """Where a vLLM linear layer's output columns come from, in the bases' module keys, and this rank's share of it.
+
+    Shards are `(index, count)`: block `index` of `count` equal blocks of the full dimension (`(0, 1)`: all of it).
 
     Args:
         name: The layer's module name in the vLLM model (e.g. `model.layers.0.self_attn.qkv_proj`).
         module_keys: Bases module key of each packed part, in output order (one entry for an unpacked layer).
         output_sizes: Output columns of each part on this rank (sum = the layer's local output size).
+        parallel: `COLUMN` (this rank computes an output block from the full input; also unsharded layers) or `ROW`
+            (this rank reads an input block; its partial outputs are summed over ranks by vLLM's all-reduce).
+        output_shards: Per part, the output block this rank holds (column-parallel). Empty: all unsharded.
+        input_shard: The input block this rank reads (row-parallel).
+        input_size: Input columns the layer reads on this rank, when known (checked against the bases).
     """
 
     name: str
     module_keys: tuple[str, ...]
     output_sizes: tuple[int, ...]
+    parallel: str = COLUMN
+    output_shards: tuple[tuple[int, int], ...] = ()
+    input_shard: tuple[int, int] = UNSHARDED
+    input_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.parallel not in (COLUMN, ROW):
+            raise ValueError(f"layer {self.name!r}: parallel must be {COLUMN!r} or {ROW!r}, not {self.parallel!r}")
+        if len(self.output_sizes) != len(self.module_keys):
+            raise ValueError(f"layer {self.name!r}: {len(self.module_keys)} parts but {len(self.output_sizes)} sizes")
+        if self.output_shards and len(self.output_shards) != len(self.module_keys):
+            raise ValueError(f"layer {self.name!r}: {len(self.module_keys)} parts but {len(self.output_shards)} "
+                             "output shards")
+        sharded_output = any(tuple(shard) != UNSHARDED for shard in self.output_shards)
+        if (self.parallel == ROW and sharded_output) or (self.parallel == COLUMN and self.input_shard != UNSHARDED):
+            raise ValueError(f"layer {self.name!r}: a {self.parallel}-parallel layer cannot shard its "
+                             f"{'output' if self.parallel == ROW else 'input'}")
+        for index, count in (*self.output_shards, self.input_shard):
+            if not 0 <= index < count:
+                raise ValueError(f"layer {self.name!r}: shard {index} of {count} does not exist")
+
+    def output_shard(self, part: int) -> tuple[int, int]:
+        return tuple(self.output_shards[part]) if self.output_shards else UNSHARDED
 
 
 @dataclass
@@ -123,9 +163,13 @@ class JDStore:
                 )
             return
         self.bases = bases
-        covered = sum(self._attach_layer(layer) for layer in self.layers)
+        try:
+            covered = sum(self._attach_layer(layer) for layer in self.layers)
+        except Exception:
+            self._detach()
+            raise
         if covered == 0:
-            self.bases = None
+            self._detach()
             raise BasesMismatchError(
                 f"none of the modules of bases {bases.key.describe()} "
                 f"(e.g. {next(iter(bases.config.modules), '-')!r}) matches a linear layer of the served model; the "
@@ -133,19 +177,24 @@ class JDStore:
             )
         logger.info("JD-LoRA: bases %s attached to %d projections", bases.key.describe(), covered)
 
+    def _detach(self) -> None:
+        # A refused collection leaves nothing half-placed: the next adapter's bases start from a clean store.
+        self.bases = None
+        for layer in self.layers:
+            layer.projections.clear()
+
     def _attach_layer(self, layer: JDLayer) -> int:
         config: BasesConfig = self.bases.config
+        target = layer.target
         covered, start = [], 0
-        for module_key, size in zip(layer.target.module_keys, layer.target.output_sizes):
-            spec = config.modules.get(module_key)
-            if spec is not None:
-                if spec.out_features != size:
-                    raise ShapeMismatchError(
-                        f"bases module {module_key!r} has out_features={spec.out_features}, but vLLM layer "
-                        f"{layer.target.name!r} gives it {size} output columns (tensor parallel is not supported)."
-                    )
-                U, V = self.bases.module(module_key, dtype=self.dtype, device=self.device)
-                covered.append((module_key, start, start + size, U, V))
+        for part, (module_key, size) in enumerate(zip(target.module_keys, target.output_sizes)):
+            if module_key in config.modules:
+                U, V = self.bases.module(module_key)
+                # Narrowed before placing: a rank holds only its blocks on the device.
+                U = _block(U, target.output_shard(part), size, "out", module_key, target)
+                V = _block(V, target.input_shard, target.input_size, "in", module_key, target)
+                covered.append((module_key, start, start + size, U.to(self.device, self.dtype),
+                                V.to(self.device, self.dtype)))
             start += size
         if len(covered) > 1 and all(U.shape[0] == 1 for _, _, _, U, _ in covered):
             layer.projections.append(self._fused(covered, layer.out_features, config))
@@ -276,3 +325,26 @@ class JDStore:
                 delta = torch.zeros(rows, proj.end - proj.start, dtype=y2.dtype, device=y2.device)
                 jd_lora_apply(delta, x2, proj.U, proj.V, proj.sigma, slots, proj.cluster, 1.0, backend=self.backend)
                 y2[:, proj.start : proj.end] += delta
+
+
+def _block(tensor: torch.Tensor, shard: tuple[int, int], local_size: Optional[int], side: str, module_key: str,
+           target: LayerTarget) -> torch.Tensor:
+    """Block `shard` = `(index, count)` of `count` equal blocks of a `(c, features, r)` basis along its features.
+
+    Raises `ShapeMismatchError` when the bases' size does not split into `count` blocks of the layer's local size.
+    """
+    index, count = shard
+    full = tensor.shape[1]
+    if full % count == 0 and local_size in (None, full // count):
+        return tensor.narrow(1, index * (full // count), full // count)
+    what = f"bases module {module_key!r} has {side}_features={full}"
+    if count == 1:
+        raise ShapeMismatchError(
+            f"{what}, but vLLM layer {target.name!r} gives it {local_size} {side}put columns; the collection was "
+            "compressed for another base model."
+        )
+    raise ShapeMismatchError(
+        f"{what}, which does not split into {count} equal tensor-parallel blocks of {local_size} {side}put columns "
+        f"(vLLM layer {target.name!r}); the collection was compressed for another base model, or its "
+        f"{side}_features do not divide by the tensor-parallel size: serve it with another --tensor-parallel-size."
+    )

@@ -22,14 +22,14 @@ import torch
 from peft_jd.core import BASE_SLOT, load_shared_bases
 
 from .adapters import JD_EXTRA_KEY, JDAdapterRef, read_checked_sigmas
-from .ops import set_current_store, wrap_linear_forward
-from .store import JDStore, LayerTarget
+from .ops import install_jd_update, set_current_store
+from .store import COLUMN, ROW, JDStore, LayerTarget
 
 
 # Under the "vllm" logger, so that messages appear in vLLM's own log output.
 logger = logging.getLogger(f"vllm.{__name__}")
 
-__all__ = ["WorkerJD", "discover_layers", "install_worker_patches"]
+__all__ = ["WorkerJD", "discover_layers", "install_worker_patches", "layer_target"]
 
 # Σ rows allocated up front (grows by doubling past it).
 INITIAL_SLOTS_ENV = "VLLM_JD_INITIAL_SLOTS"
@@ -38,8 +38,10 @@ INITIAL_SLOTS_ENV = "VLLM_JD_INITIAL_SLOTS"
 def discover_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, LayerTarget]]:
     """The outermost linear layers of a vLLM model (LoRA wrappers included), with the bases keys of their parts.
 
-    A packed layer (`qkv_proj`, `gate_up_proj`, from the model's `packed_modules_mapping`) maps to the modules it
-    packs, in the Hugging Face names the bases use (`…q_proj`, `…k_proj`, `…v_proj`).
+    Returns `(name, base_layer, target)`: the wrapped vLLM linear layer (inside a LoRA wrapper, if any) and its
+    `LayerTarget`, which records this rank's tensor-parallel share of it. A packed layer (`qkv_proj`, `gate_up_proj`,
+    from the model's `packed_modules_mapping`) maps to the modules it packs, in the Hugging Face names the bases use
+    (`…q_proj`, `…k_proj`, `…v_proj`).
     """
     from vllm.lora.layers import BaseLayerWithLoRA
     from vllm.model_executor.layers.linear import LinearBase
@@ -62,8 +64,40 @@ def discover_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, 
                 continue
             sizes = [getattr(base, "output_size_per_partition", None) or base.output_size]
         keys = tuple(f"{prefix}.{part}" if prefix else part for part in parts)
-        found.append((name, module, LayerTarget(name, keys, tuple(int(s) for s in sizes))))
+        target = layer_target(name, base, keys, tuple(int(s) for s in sizes))
+        if target is not None:
+            found.append((name, base, target))
     return found
+
+
+def layer_target(name: str, base: torch.nn.Module, keys: tuple[str, ...],
+                 sizes: tuple[int, ...]) -> Optional[LayerTarget]:
+    """The `LayerTarget` of vLLM linear layer `base` on this rank (None, logged, for a layout it cannot shard).
+
+    Row-parallel layers read input block `tp_rank` of `tp_size`; column-parallel layers write output block `tp_rank`
+    of `tp_size` of every packed part, except the k and v parts of a `QKVParallelLinear` whose kv heads are
+    replicated (fewer kv heads than ranks): `num_kv_head_replicas` consecutive ranks then hold the same kv head.
+    """
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+
+    tp_rank, tp_size = int(getattr(base, "tp_rank", 0)), int(getattr(base, "tp_size", 1))
+    if isinstance(base, RowParallelLinear):
+        return LayerTarget(name, keys, sizes, ROW, input_shard=(tp_rank, tp_size),
+                           input_size=int(base.input_size_per_partition))
+    input_size = int(getattr(base, "input_size_per_partition", None) or base.input_size)
+    if tp_size == 1:
+        return LayerTarget(name, keys, sizes, COLUMN, input_size=input_size)
+    if isinstance(base, QKVParallelLinear) and len(keys) == 3:
+        replicas = int(base.num_kv_head_replicas)
+        kv = (tp_rank // replicas, tp_size // replicas)
+        shards = ((tp_rank, tp_size), kv, kv)
+    elif isinstance(base, ColumnParallelLinear) and not isinstance(base, QKVParallelLinear):
+        shards = ((tp_rank, tp_size),) * len(keys)
+    else:
+        logger.warning("JD-LoRA: layer %s (%s, tensor parallel %d) has a layout the plugin does not shard; not "
+                       "covered", name, type(base).__name__, tp_size)
+        return None
+    return LayerTarget(name, keys, sizes, COLUMN, output_shards=shards, input_size=input_size)
 
 
 class WorkerJD:
@@ -126,21 +160,20 @@ class WorkerJD:
 
 
 def install(runner) -> Optional[WorkerJD]:
-    """Installs the JD update on `runner.model` (tensor parallel 1 only) and makes its store current."""
-    tp = runner.vllm_config.parallel_config.tensor_parallel_size
-    if tp > 1:
-        logger.error("JD-LoRA: tensor_parallel_size=%d is not supported by the vLLM plugin; JD adapters are refused "
-                     "(the front end rejects them), plain LoRAs keep working.", tp)
-        return None
+    """Installs the JD update on `runner.model` (this rank's share of every layer) and makes its store current.
+
+    With tensor parallelism every rank runs this on its own model shard: its store holds its blocks of U and V and
+    a full copy of the Σ rows, and each rank loads an adapter on its first request, like the others.
+    """
     store = JDStore(int(os.environ.get(INITIAL_SLOTS_ENV, "256")), device=runner.device,
                     dtype=runner.model_config.dtype)
-    for _, module, target in discover_layers(runner.model):
-        wrap_linear_forward(module, store.add_layer(target))
+    for _, base, target in discover_layers(runner.model):
+        install_jd_update(base, store.add_layer(target))
     set_current_store(store)
     # vLLM caches compiled graphs by a hash of its config: without this key, a graph compiled without the JD op (the
     # plugin absent) could be reused with it present, and JD rows would silently get the base model.
     if isinstance(runner.vllm_config.additional_config, dict):
-        runner.vllm_config.additional_config["vllm_jd"] = f"jd-op-v1:{len(store.layers)}"
+        runner.vllm_config.additional_config["vllm_jd"] = f"jd-op-v2:{len(store.layers)}"
     logger.info("JD-LoRA: %d linear layers prepared for JD adapters (kernel backend %s)", len(store.layers),
                 store.backend)
     return WorkerJD(store)
