@@ -53,12 +53,16 @@ class FakeQKV(torch.nn.Module):
 
 
 # One cluster: q/k/v fused into one rank-3r projection (block-diagonal U and Σ); two clusters: one per module.
-@pytest.fixture(scope="module", params=[("full", 2), ("diag", 2), ("full", 1), ("diag", 1)], ids=str)
+# "ranks": a budgeted collection whose k_proj has rank 2 while q/v have 4 (fused: blocks of ranks 4, 2, 4).
+@pytest.fixture(scope="module", params=[("full", 2), ("diag", 2), ("full", 1), ("diag", 1), ("full", 1, "ranks"),
+                                        ("diag", 2, "ranks")], ids=str)
 def setup(request, tmp_path_factory, single_thread):
-    sigma_type, clusters = request.param
+    sigma_type, clusters = request.param[:2]
+    module_ranks = {f"{PREFIX}.k_proj": 2} if len(request.param) > 2 else None
     root = tmp_path_factory.mktemp(f"coll-{sigma_type}-{clusters}")
     model = tiny_llama()
-    collection = make_collection(root, model, n_adapters=5, r=4, clusters=clusters, sigma_type=sigma_type)
+    collection = make_collection(root, model, n_adapters=5, r=4, clusters=clusters, sigma_type=sigma_type,
+                                 module_ranks=module_ranks)
     attn = model.model.layers[0].self_attn
     linears = [getattr(attn, name) for name in TARGETS]
     weight = torch.cat([lin.weight.detach() for lin in linears])
@@ -164,9 +168,10 @@ def test_compiled_forward_reads_slots_at_run_time(setup):
 def test_memory_is_bases_once_plus_sigma_rows(setup):
     s = setup
     sizes = s.store.nbytes()
-    if s.clusters == 1:  # fused: U (out_q + out_k + out_v, 3r) block diagonal, V (in, 3r)
-        outs, r = sum(lin.out_features for lin in s.linears), 4
-        expected_bases = (outs * 3 * r + 64 * 3 * r) * 4
+    if s.clusters == 1:  # fused: U (out_q + out_k + out_v, r_q + r_k + r_v) block diagonal, V (in, same)
+        outs = sum(lin.out_features for lin in s.linears)
+        rank = sum(s.bases.config.rank_of(f"{PREFIX}.{name}") for name in TARGETS)
+        expected_bases = (outs * rank + 64 * rank) * 4
         assert len(list(s.store.projections())) == 1
     else:
         expected_bases = sum(sum(t.nbytes for t in s.bases.tensors[f"{PREFIX}.{name}"]) for name in TARGETS)

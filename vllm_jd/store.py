@@ -91,8 +91,10 @@ class LayerTarget:
 class JDProjection:
     """Bases modules applied together to output columns `[start, end)` of a layer, with their Σ rows.
 
-    `parts` lists `(module_key, block)`: a single-cluster packed layer (q, k, v) is fused into one projection whose
-    `V` concatenates the parts' `V` (rank `P·r`), whose `U` is block diagonal and whose Σ rows are block diagonal —
+    `parts` lists `(module_key, offset)`, the part's first column in the projection's rank dimension: a
+    single-cluster packed layer (q, k, v) is fused into one projection whose `V` concatenates the parts' `V` (rank
+    `r_q + r_k + r_v`: budgeted collections give modules their own ranks), whose `U` is block diagonal and whose Σ rows
+    are block diagonal —
     one shrink GEMM, one Σ step and one expand GEMM for the whole layer. Otherwise each part is its own projection.
     """
 
@@ -201,7 +203,7 @@ class JDStore:
         else:
             for key, begin, end, U, V in covered:
                 layer.projections.append(self._projection(((key, 0),), begin, end, U.contiguous(), V.contiguous(),
-                                                          config.r, config.sigma_type))
+                                                          U.shape[-1], config.sigma_type))
         return len(covered)
 
     def _projection(self, parts, start, end, U, V, rank, sigma_type) -> JDProjection:
@@ -211,15 +213,17 @@ class JDStore:
         return JDProjection(parts, start, end, U, V, sigma, cluster, rank)
 
     def _fused(self, covered, out_features: int, config: BasesConfig) -> JDProjection:
-        r, blocks = config.r, len(covered)
-        in_features = covered[0][4].shape[1]
-        U = torch.zeros(1, out_features, blocks * r, dtype=self.dtype, device=self.device)
-        V = torch.empty(1, in_features, blocks * r, dtype=self.dtype, device=self.device)
-        for block, (_, begin, end, U_part, V_part) in enumerate(covered):
-            U[0, begin:end, block * r : (block + 1) * r] = U_part[0]
-            V[0, :, block * r : (block + 1) * r] = V_part[0]
-        parts = tuple((key, block) for block, (key, *_) in enumerate(covered))
-        return self._projection(parts, 0, out_features, U, V, blocks * r, config.sigma_type)
+        offsets = [0]
+        for *_, U_part, _ in covered:
+            offsets.append(offsets[-1] + U_part.shape[-1])
+        in_features, rank = covered[0][4].shape[1], offsets[-1]
+        U = torch.zeros(1, out_features, rank, dtype=self.dtype, device=self.device)
+        V = torch.empty(1, in_features, rank, dtype=self.dtype, device=self.device)
+        for offset, (_, begin, end, U_part, V_part) in zip(offsets, covered):
+            U[0, begin:end, offset : offset + U_part.shape[-1]] = U_part[0]
+            V[0, :, offset : offset + V_part.shape[-1]] = V_part[0]
+        parts = tuple((key, offset) for offset, (key, *_) in zip(offsets, covered))
+        return self._projection(parts, 0, out_features, U, V, rank, config.sigma_type)
 
     def projections(self):
         for layer in self.layers:
@@ -242,16 +246,15 @@ class JDStore:
         """
         slot = self.allocator.acquire(adapter_key)
         self._grow(self.allocator.capacity)
-        r = self.bases.config.r
         for proj in self.projections():
             row = proj.sigma[slot]
             row.zero_()
             proj.cluster[slot] = 0
-            for module_key, block in proj.parts:
+            for module_key, offset in proj.parts:
                 sigma = sigmas.get(module_key)
                 if sigma is None:
                     continue
-                window = slice(block * r, (block + 1) * r)
+                window = slice(offset, offset + sigma.shape[0])
                 target = row[window, window] if row.dim() == 2 else row[window]
                 target.copy_(sigma.to(torch.float32) * scaling)
                 # Fused projections have one cluster; an unfused one has one part.
