@@ -2,12 +2,18 @@
 
 Trains (or loads from the cache) one rank-16 LoRA per zoo task, then evaluates every configuration on the test
 splits through the mixed-batch path (each generation batch mixes many adapters): exact match, Rouge-L, agreement
-with the LoRAs' own predictions, reconstruction error and parameters per adapter (bases amortized over the
-collection). Writes JSON, a markdown table and a plot, and prints the JSON on stdout.
+with the LoRAs' own predictions, reconstruction error, parameters and bytes per adapter (bases amortized over the
+collection). Writes JSON, a markdown table and plots, and prints the JSON on stdout.
 
     python benchmarks/fidelity.py                  # full run: 40 tasks (≈ 2 h cold, ≈ 1 h with cached LoRAs)
     python benchmarks/fidelity.py --quick          # 8 demo tasks, 2 ranks (≈ 10 min with cached demo LoRAs)
     python benchmarks/fidelity.py --smoke          # tiny random model, seconds: checks the code path only
+
+At equal bytes per adapter: budgeted JD (ranks allocated per module, `compress --budget`) and the public peers
+lorashare and vlora-dev (installed only in their own venv: `bash benchmarks/peers_env.sh`), e.g.
+
+    python benchmarks/fidelity.py --settings jd-full:16:1 --svd-ranks 4 --subset-sizes 0 --budgets 8x 16x 32x \
+        --sigma-dtype float16 --bases-dtype float16 --peers lorashare vlora
 """
 
 from __future__ import annotations
@@ -18,48 +24,41 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from fidelity_report import atomic_write_text, closing_note, update_results, write_markdown, write_plot
+from fidelity_peers import compress_with_peer, peers_python
+from fidelity_report import (
+    atomic_write_text,
+    closing_note,
+    update_results,
+    write_budget_plot,
+    write_markdown,
+    write_plot,
+)
+from fidelity_rows import Context, Setting, fmt, lora_format_row, peer_row, row, run_setting, summary
+from peer_compress import PEERS
 
+from peft_jd.compression.sizes import REFERENCE_BYTES, STORAGE_DTYPES, Budget
+from peft_jd.core import UsageError
 from peft_jd.zoo import (
     BASE_ADAPTER,
     DEMO_TASKS,
     TrainSettings,
     build_requests,
-    compress_collection,
     evaluate,
-    jd_parameters,
-    load_jd_collection,
     load_lora_collection,
     load_smollm2,
     load_tiny_model,
     lora_parameters,
-    lora_reconstruction_errors,
     make_splits,
-    reconstruction_errors,
     release,
     select_tasks,
     train_zoo,
     truncate_lora,
 )
 from peft_jd.zoo.train import validate
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One compressed configuration: method, rank, clusters, and how many adapters (first n tasks) share it."""
-
-    method: str
-    rank: int
-    clusters: int
-    n: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.method}-r{self.rank}-c{self.clusters}-n{self.n}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,6 +84,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="METHOD:RANK:CLUSTERS",
         help="explicit settings (e.g. jd-full:16:4 jd-diag:64:1) instead of the methods × ranks × clusters grid",
     )
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        default=[],
+        metavar="BUDGET",
+        help="also compress at these bytes per adapter (8x: 1/8 of the LoRAs' bytes at fp16, or 150KB), ranks "
+        "allocated per module (compress --budget), for each of --methods and --budget-clusters; the --peers run at "
+        "the same budgets",
+    )
+    parser.add_argument("--budget-clusters", type=int, nargs="+", default=[1])
+    parser.add_argument(
+        "--sigma-dtype",
+        default="float32",
+        choices=sorted(STORAGE_DTYPES),
+        help="storage dtype of Σ in every JD collection of the run (bytes are counted at it)",
+    )
+    parser.add_argument("--bases-dtype", default="float32", choices=sorted(STORAGE_DTYPES))
+    parser.add_argument(
+        "--peers",
+        nargs="+",
+        default=[],
+        choices=sorted(PEERS),
+        help="public peer methods compressed at each of --budgets (run in the peers' venv)",
+    )
+    parser.add_argument(
+        "--peers-python", type=Path, default=None, help="python of the peers' venv (default .venv-peers/bin/python)"
+    )
     parser.add_argument("--test-per-task", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-steps", type=int, default=None, help="override the LoRA training step cap")
@@ -107,6 +133,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(OUT_DIR/fidelity.partial.json); base and LoRA are always re-evaluated",
     )
     args = parser.parse_args(argv)
+    for budget in args.budgets:
+        try:
+            Budget.parse(budget)
+        except UsageError as error:
+            parser.error(f"--budgets: {error}")
+    if args.peers and not args.budgets:
+        parser.error("--peers compares at equal bytes: give the --budgets to compare at (e.g. 8x 16x 32x).")
     docs = Path(__file__).resolve().parent.parent / "docs"
     if args.quick or args.smoke:
         # Smaller defaults; options given explicitly on the command line are kept.
@@ -143,6 +176,7 @@ def settings_grid(args: argparse.Namespace, n_total: int) -> list[Setting]:
     else:
         grid = [Setting(m, k, c, n_total) for m in args.methods for k in args.ranks for c in args.clusters]
     grid += [Setting("jd-full", k, 1, n) for n in args.subset_sizes if 0 < n < n_total for k in args.subset_ranks]
+    grid += [Setting(m, None, c, n_total, b) for m in args.methods for b in args.budgets for c in args.budget_clusters]
     return grid
 
 
@@ -185,48 +219,6 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
 
 
-def _row(
-    method: str,
-    rank: int,
-    clusters: int,
-    n: int,
-    params: float,
-    ratio: float | None,
-    err2: float | None,
-    summary: dict,
-    **extra,
-) -> dict:
-    """One result row: configuration, memory per adapter (bases amortized), reconstruction error and quality."""
-    return {
-        "method": method,
-        "rank": rank,
-        "clusters": clusters,
-        "n": n,
-        "params_per_adapter": params,
-        "memory_ratio": ratio,
-        "err2": err2,
-        **extra,
-        **summary,
-    }
-
-
-def _summary(result, lora, names: list[str]) -> dict:
-    em = sum(result.per_task[n]["exact_match"] for n in names) / len(names)
-    rouge = sum(result.per_task[n]["rouge_l"] for n in names) / len(names)
-    lora_em = sum(lora.per_task[n]["exact_match"] for n in names) / len(names)
-    lora_rouge = sum(lora.per_task[n]["rouge_l"] for n in names) / len(names)
-    return {
-        "exact_match": em,
-        "rouge_l": rouge,
-        # Retention is undefined (None) when the LoRAs themselves score 0.
-        "em_retention": em / lora_em if lora_em else None,
-        "rouge_retention": rouge / lora_rouge if lora_rouge else None,
-        "agreement": result.agreement(lora),
-        "per_task_em": {n: result.per_task[n]["exact_match"] for n in names},
-        "eval_s": result.seconds,
-    }
-
-
 def _teacher_forced(model, tokenizer, splits: dict, per_task: int, batch_size: int) -> dict[str, float]:
     """Per task, the LoRA's teacher-forced greedy exact match on the same test examples (one forward per batch).
 
@@ -260,25 +252,32 @@ def run(args: argparse.Namespace, publish: Callable[[dict], None] = lambda repor
     splits = {name: make_splits(name, settings.seed, settings.num_examples) for name in names}
     requests = build_requests(splits, per_task=args.test_per_task)
     lora_params = sum(lora_parameters(p) for p in loras.values()) / len(loras)
+    # LoRAs are counted at fp16, their serving precision, as report.json and `compress --budget` count them.
+    lora_bytes = REFERENCE_BYTES * lora_params
+    storage = {"sigma_dtype": args.sigma_dtype, "bases_dtype": args.bases_dtype}
     rows: list[dict] = []
-    checkpoint = _Checkpoint(
-        args.out_dir / "fidelity.partial.json",
-        {
-            "model": zoo.model_id,
-            "tasks": names,
-            "test_per_task": args.test_per_task,
-            "train_settings": asdict(settings),
-        },
-        resume=args.resume,
-    )
+    skipped: list[dict] = []
+    key = {
+        "model": zoo.model_id,
+        "tasks": names,
+        "test_per_task": args.test_per_task,
+        "train_settings": asdict(settings),
+    }
+    # Only a non-default storage enters the key, so that checkpoints written before it existed are still reused.
+    if storage != {"sigma_dtype": "float32", "bases_dtype": "float32"}:
+        key["storage"] = storage
+    checkpoint = _Checkpoint(args.out_dir / "fidelity.partial.json", key, resume=args.resume)
 
     model = load_lora_collection(zoo, loras)
     base = evaluate(model, zoo.tokenizer, requests, BASE_ADAPTER, args.batch_size, desc="base")
     lora = evaluate(model, zoo.tokenizer, requests, None, args.batch_size, desc="LoRA (mixed)")
     teacher_forced = _teacher_forced(model, zoo.tokenizer, splits, args.test_per_task, args.batch_size)
     release(zoo, model)
-    rows.append(_row("base", 0, 0, len(names), 0, None, 1.0, _summary(base, lora, names)))
-    rows.append(_row("lora", settings.r, 0, len(names), lora_params, 1.0, 0.0, _summary(lora, lora, names)))
+    base_summary, lora_summary = summary(base, lora, names), summary(lora, lora, names)
+    memory = {"bytes_per_adapter": 0, "bytes_ratio": None}
+    rows.append(row("base", 0, 0, len(names), 0, None, 1.0, base_summary, **memory))
+    memory = {"bytes_per_adapter": lora_bytes, "bytes_ratio": 1.0}
+    rows.append(row("lora", settings.r, 0, len(names), lora_params, 1.0, 0.0, lora_summary, **memory))
     log(f"base EM {base.mean():.3f}, LoRA EM {lora.mean():.3f} over {len(names)} tasks")
 
     def report() -> dict:
@@ -297,6 +296,8 @@ def run(args: argparse.Namespace, publish: Callable[[dict], None] = lambda repor
                 for n, r in trained.items()
             },
             "lora_params_per_adapter": lora_params,
+            "lora_bytes_per_adapter": lora_bytes,
+            "storage": storage,
             "per_task": {
                 n: {
                     "base_em": base.per_task[n]["exact_match"],
@@ -307,93 +308,63 @@ def run(args: argparse.Namespace, publish: Callable[[dict], None] = lambda repor
                 for n in names
             },
             "rows": rows,
+            "skipped": skipped,
             "threads": torch.get_num_threads(),
             "total_s": time.perf_counter() - start,
         }
 
+    def finish(label: str, new: dict) -> None:
+        rows.append(new)
+        checkpoint.save(label, new)
+        publish(report())
+        log(
+            f"{label}: EM {new['exact_match']:.3f} ({_pct(new['em_retention'])} of LoRA), err² {new['err2']:.3f}, "
+            f"{new['memory_ratio']:.1f}× fewer parameters, {fmt(new['bytes_ratio'], '.1f')}× fewer bytes, "
+            f"agreement {new['agreement']:.1%}"
+        )
+
     publish(report())
     with tempfile.TemporaryDirectory(prefix="peft-jd-fidelity-") as scratch:
         work = Path(args.work_dir or scratch)
+        ctx = Context(zoo, loras, requests, lora, work, args.batch_size, lora_params, storage)
         for rank in args.svd_ranks:
-            if checkpoint.reuse(f"svd-r{rank}", rows):
-                continue
-            svd = {n: truncate_lora(p, work / f"svd-r{rank}" / n, rank) for n, p in loras.items()}
-            model = load_lora_collection(zoo, svd)
-            result = evaluate(model, zoo.tokenizer, requests, None, args.batch_size, desc=f"SVD r{rank}")
-            release(zoo, model)
-            params = sum(lora_parameters(p) for p in svd.values()) / len(svd)
-            errors = lora_reconstruction_errors(loras, svd)
-            err2 = sum(errors.values()) / len(errors)
-            rows.append(
-                _row("svd", rank, 0, len(names), params, lora_params / params, err2, _summary(result, lora, names))
-            )
-            checkpoint.save(f"svd-r{rank}", rows[-1])
-            publish(report())
-            log(f"svd r{rank}: EM {rows[-1]['exact_match']:.3f} ({_pct(rows[-1]['em_retention'])} of LoRA)")
+            label = f"svd-r{rank}"
+            if not checkpoint.reuse(label, rows):
+                svd = {n: truncate_lora(p, ctx.work / label / n, rank) for n, p in loras.items()}
+                finish(label, lora_format_row(ctx, "svd", rank, label, svd))
         for setting in settings_grid(args, len(names)):
-            if checkpoint.reuse(setting.label, rows):
-                continue
-            rows.append(_run_setting(zoo, setting, loras, requests, lora, work, args.batch_size, lora_params))
-            checkpoint.save(setting.label, rows[-1])
-            publish(report())
-            r = rows[-1]
-            log(
-                f"{setting.label}: EM {r['exact_match']:.3f} ({_pct(r['em_retention'])} of LoRA), "
-                f"err² {r['err2']:.3f}, {r['memory_ratio']:.1f}× smaller, agreement {r['agreement']:.1%}"
-            )
+            if not checkpoint.reuse(setting.label, rows):
+                finish(setting.label, run_setting(zoo, setting, ctx))
+        # The peers at the same bytes per adapter as the budgeted rows, run in their own venv.
+        python, missing = peers_python(args.peers_python) if args.peers else (None, None)
+        for budget in args.budgets:
+            budget_bytes = Budget.parse(budget).resolve(lora_bytes)
+            for method in args.peers:
+                label = f"{method}-b{budget}-n{len(names)}"
+                if checkpoint.reuse(label, rows):
+                    continue
+                result = python and compress_with_peer(python, method, loras, budget_bytes, work / label, args.threads)
+                reason = result.reason if result else missing
+                if reason:
+                    skipped.append({"label": label, "reason": reason})
+                    log(f"{label}: skipped, {reason}")
+                else:
+                    finish(label, peer_row(ctx, method, budget, label, result.adapters, result.report))
 
     return report()
 
 
-def _run_setting(
-    zoo, setting: Setting, loras: dict, requests, lora, work: Path, batch_size: int, lora_params: float
-) -> dict:
-    names = list(loras)[: setting.n]
-    subset = {n: loras[n] for n in names}
-    out_dir = work / setting.label
-    start = time.perf_counter()
-    compress_collection(subset, out_dir, setting.method, setting.rank, setting.clusters)
-    compress_s = time.perf_counter() - start
-    own = [r for r in requests if r.task in subset]
-    model = load_jd_collection(zoo, out_dir, names)
-    result = evaluate(model, zoo.tokenizer, own, None, batch_size, desc=setting.label)
-    release(zoo, model)
-    lora_subset = _restrict(lora, requests, own)
-    errors = reconstruction_errors(subset, out_dir)
-    params = jd_parameters(out_dir, names)
-    return _row(
-        setting.method,
-        setting.rank,
-        setting.clusters,
-        setting.n,
-        params["amortized"],
-        lora_params / params["amortized"],
-        sum(errors.values()) / len(errors),
-        _summary(result, lora_subset, names),
-        sigma_params=params["sigma"],
-        bases_params=params["bases"],
-        compress_s=compress_s,
-    )
-
-
-def _restrict(result, requests, subset_requests):
-    """The LoRA result restricted to the requests of a subset of tasks (same order as `subset_requests`)."""
-    from peft_jd.zoo.evaluate import EvalResult, score
-
-    keep = {id(r) for r in subset_requests}
-    predictions = [p for r, p in zip(requests, result.predictions) if id(r) in keep]
-    return EvalResult(predictions, score(subset_requests, predictions), result.seconds, result.tokens)
-
-
 def write_outputs(report: dict, args: argparse.Namespace, argv=None) -> None:
-    """JSON, markdown table, plot and the results page section for `report` (complete or so far)."""
+    """JSON, markdown table, plots and the results page section for `report` (complete or so far)."""
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out_dir / "fidelity.json", json.dumps(report, indent=2))
     table = write_markdown(report, args.out_dir / "fidelity.md")
     plot = write_plot(report, args.out_dir / "fidelity.png")
+    budget_plot = write_budget_plot(report, args.out_dir / "fidelity_budget.png")
     if args.results_md:
         command = " ".join(["python benchmarks/fidelity.py", *(sys.argv[1:] if argv is None else argv)])
-        update_results(args.results_md, table, plot, command, closing=closing_note(report))
+        plots = [path for path in (plot, budget_plot) if path is not None]
+        update_results(args.results_md, table, plots, command, closing=closing_note(report))
 
 
 def main(argv=None) -> int:

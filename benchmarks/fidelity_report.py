@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 # `fidelity.py` writes its checkpoint and results through the same helper as every peft-jd file.
@@ -15,12 +16,29 @@ HEADLINE_BEGIN, HEADLINE_END = "<!-- headline:begin -->", "<!-- headline:end -->
 TARGET_RETENTION, TARGET_RATIO = 0.99, 10.0
 
 
+PEER_NAMES = {"lorashare": "lorashare (SHARE)", "vlora": "vlora-dev"}
+METHOD_NAMES = {"jd-full": "JD-Full", "jd-diag": "JD-Diag", "svd": "per-adapter SVD", **PEER_NAMES}
+
+
 def _full_rows(report: dict) -> list[dict]:
-    """JD rows over the whole collection whose retention is defined."""
+    """JD rows over the whole collection whose retention is defined, budgeted ones included."""
     n = len(report["tasks"])
     return [
         r for r in report["rows"] if r["method"].startswith("jd") and r["n"] == n and r["em_retention"] is not None
     ]
+
+
+def _uniform_rows(report: dict) -> list[dict]:
+    """The full-collection JD rows with one rank for all modules (series by rank)."""
+    return [r for r in _full_rows(report) if not r.get("budget")]
+
+
+def _series(rows: list[dict], key) -> dict[tuple, list[dict]]:
+    """Rows grouped by (method, clusters), each group sorted by `key`."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["clusters"]), []).append(r)
+    return {group: sorted(groups[group], key=key) for group in sorted(groups)}
 
 
 def headline(report: dict) -> str:
@@ -51,9 +69,17 @@ def headline(report: dict) -> str:
     )
 
 
+def _method_name(row: dict) -> str:
+    return METHOD_NAMES.get(row["method"], row["method"])
+
+
 def _name(row: dict) -> str:
-    method = {"jd-full": "JD-Full", "jd-diag": "JD-Diag", "svd": "per-adapter SVD"}.get(row["method"], row["method"])
+    method = _method_name(row)
     clusters = f", {row['clusters']} cluster{'s' if row['clusters'] > 1 else ''}" if row["clusters"] else ""
+    if row["method"] in PEER_NAMES:
+        return f"{method} k={row['rank']} (budget {row['budget']})"
+    if row.get("budget"):
+        return f"{method} at budget {row['budget']}{clusters}"
     return f"{method} rank {row['rank']}{clusters}"
 
 
@@ -63,20 +89,16 @@ def _fmt(value, spec: str, missing: str = "–") -> str:
 
 def falloff(report: dict) -> list[str]:
     """Where quality falls off: per method and clusters, the smallest rank keeping ≥ 99%, and the trend with n."""
-    lines, rows = [], _full_rows(report)
-    for method, clusters in sorted({(r["method"], r["clusters"]) for r in rows}):
-        series = sorted(
-            (r for r in rows if (r["method"], r["clusters"]) == (method, clusters)), key=lambda r: r["rank"]
-        )
+    lines = []
+    for (_, clusters), series in _series(_uniform_rows(report), key=lambda r: r["rank"]).items():
         ok = [r for r in series if r["em_retention"] >= TARGET_RETENTION]
         trend = ", ".join(f"r{r['rank']}: {r['em_retention']:.1%}" for r in series)
         first = f"rank {ok[0]['rank']} ({ok[0]['memory_ratio']:.1f}×)" if ok else "no rank tried"
         lines.append(
-            f"- {_name(series[0]).rsplit(' rank', 1)[0]}, {clusters} cluster(s): ≥ 99% from {first}; "
-            f"EM kept by rank: {trend}."
+            f"- {_method_name(series[0])}, {clusters} cluster(s): ≥ 99% from {first}; EM kept by rank: {trend}."
         )
     subsets = sorted(
-        (r for r in report["rows"] if r["method"] == "jd-full" and r["clusters"] == 1),
+        (r for r in report["rows"] if r["method"] == "jd-full" and r["clusters"] == 1 and not r.get("budget")),
         key=lambda r: (r["rank"], r["n"]),
     )
     for rank in sorted({r["rank"] for r in subsets if r["n"] != len(report["tasks"])}):
@@ -86,6 +108,26 @@ def falloff(report: dict) -> list[str]:
             if r["rank"] == rank
         )
         lines.append(f"- JD-Full rank {rank}, 1 cluster, by collection size: {trend}.")
+    lines += _budget_falloff(report)
+    return lines
+
+
+def _budget_falloff(report: dict) -> list[str]:
+    """At equal bytes: per budgeted JD series and per peer, the EM kept at each budget (fewest bytes first)."""
+    budgeted = [r for r in _full_rows(report) if r.get("budget")]
+    peers = [r for r in report["rows"] if r["method"] in PEER_NAMES and r["em_retention"] is not None]
+    lines = []
+    for (method, clusters), series in _series(budgeted + peers, key=lambda r: -(r["bytes_ratio"] or 0)).items():
+        trend = ", ".join(
+            f"{r['budget']} ({_fmt(r['bytes_ratio'], '.1f')}×"
+            + (f", k={r['rank']}" if method in PEER_NAMES else "")
+            + f"): {r['em_retention']:.1%}"
+            for r in series
+        )
+        what = f"{_method_name(series[0])}" + (f" with a budget, {clusters} cluster(s)" if clusters else "")
+        lines.append(f"- {what}, at equal bytes per adapter: EM kept {trend}.")
+    for skipped in report.get("skipped", []):
+        lines.append(f"- {skipped['label']}: not run, {skipped['reason'].rstrip('.')}.")
     return lines
 
 
@@ -103,14 +145,15 @@ def markdown(report: dict) -> str:
             if not report.get("complete", True)
             else []
         ),
-        "| method | rank | clusters | n | params / adapter | × smaller | err² | EM | EM kept "
-        "| Rouge-L | Rouge-L kept | same as LoRA |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | rank | clusters | n | params / adapter | × smaller | bytes / adapter (× fewer) | err² | EM "
+        "| EM kept | Rouge-L | Rouge-L kept | same as LoRA |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['method']} | {r['rank'] or '–'} | {r['clusters'] or '–'} | {r['n']} | "
-            f"{r['params_per_adapter'] / 1e3:,.0f}k | {_fmt(r['memory_ratio'], '.1f')} | {_fmt(r['err2'], '.3f')} | "
+            f"| {r['method']} | {_rank_cell(r)} | {r['clusters'] or '–'} | {r['n']} | "
+            f"{r['params_per_adapter'] / 1e3:,.0f}k | {_fmt(r['memory_ratio'], '.1f')} | {_bytes_cell(r)} | "
+            f"{_fmt(r['err2'], '.3f')} | "
             f"{r['exact_match']:.1%} | {_fmt(r['em_retention'], '.1%')} | {r['rouge_l']:.1%} | "
             f"{_fmt(r['rouge_retention'], '.1%')} | "
             f"{r['agreement']:.1%} |"
@@ -140,6 +183,24 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rank_cell(row: dict) -> str:
+    """Rank, or for a budgeted row the budget and the range of ranks allocated, for a peer k and the budget."""
+    if row["method"] in PEER_NAMES:
+        return f"k={row['rank']} @ {row['budget']}"
+    if row.get("budget"):
+        ranks = row["module_ranks"]
+        return f"{row['budget']}: {ranks['min']}–{ranks['max']}"
+    return str(row["rank"] or "–")
+
+
+def _bytes_cell(row: dict) -> str:
+    """Bytes per adapter (bases amortized) and how many times fewer than a LoRA at fp16; '–' for older rows."""
+    if row.get("bytes_per_adapter") is None:
+        return "–"
+    ratio = f" ({row['bytes_ratio']:.1f}×)" if row.get("bytes_ratio") else ""
+    return f"{row['bytes_per_adapter'] / 1e3:,.1f} kB{ratio}"
+
+
 def write_markdown(report: dict, path: Path) -> str:
     text = markdown(report)
     atomic_write_text(path, text)
@@ -157,11 +218,8 @@ def write_plot(report: dict, path: Path) -> Path | None:
         return None
     lora_params = report["lora_params_per_adapter"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    rows = _full_rows(report)
-    for method, clusters in sorted({(r["method"], r["clusters"]) for r in rows}):
-        series = sorted(
-            (r for r in rows if (r["method"], r["clusters"]) == (method, clusters)), key=lambda r: r["rank"]
-        )
+    rows = _uniform_rows(report)
+    for (method, clusters), series in _series(rows, key=lambda r: r["rank"]).items():
         xs, ys = [r["params_per_adapter"] for r in series], [100 * r["em_retention"] for r in series]
         left.plot(xs, ys, marker="o", label=f"{method}, {clusters} cluster(s)")
         for r in series:
@@ -195,20 +253,69 @@ def write_plot(report: dict, path: Path) -> Path | None:
     return path
 
 
+def _line_label(row: dict) -> str:
+    """One line of the equal-bytes plot per peer, SVD, and JD method × uniform/budgeted × clusters."""
+    if not row["method"].startswith("jd"):
+        return _method_name(row)
+    kind = "budget" if row.get("budget") else "uniform rank"
+    return f"{_method_name(row)}, {kind}, {row['clusters']} cluster(s)"
+
+
+def write_budget_plot(report: dict, path: Path) -> Path | None:
+    """Exact-match retention vs bytes ratio (LoRA bytes at fp16 / bytes per adapter), one line per method: uniform
+    JD, budgeted JD, the peers, per-adapter SVD. `None` without budgeted or peer rows, or without matplotlib."""
+    n = len(report["tasks"])
+    compressed = [r for r in report["rows"] if r["n"] == n and r["method"] not in ("lora", "base")]
+    rows = [r for r in compressed if r.get("bytes_ratio") and r["em_retention"] is not None]
+    if not any(r.get("budget") for r in rows):
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_line_label(r), []).append(r)
+    for label, series in sorted(groups.items()):
+        series.sort(key=lambda r: r["bytes_ratio"])
+        style = {"marker": "x", "ls": ":"} if "SVD" in label else {"marker": "s" if "budget" in label else "o"}
+        ax.plot([r["bytes_ratio"] for r in series], [100 * r["em_retention"] for r in series], label=label, **style)
+    ax.axhline(100 * TARGET_RETENTION, ls="--", color="gray", lw=0.8)
+    ax.axvline(TARGET_RATIO, ls=":", color="gray", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("memory ratio: LoRA bytes (fp16) / bytes per adapter (shared part amortized)")
+    ax.set_ylabel("exact match, % of the LoRAs'")
+    ax.set_title(f"{n} adapters: quality at equal bytes")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, dpi=120, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())
+    return path
+
+
 def _replace_between(text: str, begin: str, end: str, body: str) -> str:
     head, rest = text.split(begin, 1)
     return head + begin + "\n" + body + end + rest.split(end, 1)[1]
 
 
-def update_results(results_md: Path, table: str, plot: Path | None, command: str, closing: str | None = None) -> None:
-    """Replaces the fidelity section of `results_md` with the new table and plot, and the headline section (if the
+def update_results(
+    results_md: Path, table: str, plots: Path | Sequence[Path] | None, command: str, closing: str | None = None
+) -> None:
+    """Replaces the fidelity section of `results_md` with the new table and plots, and the headline section (if the
     page has one) with `closing`.
     """
     results_md = Path(results_md)
     text = results_md.read_text(encoding="utf-8") if results_md.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise ValueError(f"{results_md} lacks the {BEGIN} … {END} markers; add them where the figures should go.")
-    image = f"\n![fidelity]({os.path.relpath(plot, results_md.parent)})\n" if plot is not None else ""
+    plots = [plots] if isinstance(plots, (str, os.PathLike)) else list(plots or [])
+    image = "".join(f"\n![{Path(p).stem}]({os.path.relpath(p, results_md.parent)})\n" for p in plots)
     text = _replace_between(text, BEGIN, END, f"Produced by `{command}`.\n\n{table}{image}")
     if closing is not None and HEADLINE_BEGIN in text and HEADLINE_END in text:
         text = _replace_between(text, HEADLINE_BEGIN, HEADLINE_END, closing.rstrip() + "\n")

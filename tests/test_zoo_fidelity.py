@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import fidelity
 import fidelity_report
 import pytest
+import torch
+from safetensors.torch import load_file
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -32,8 +35,16 @@ def test_fidelity_smoke_run_writes_json_table_plot_and_results_section(tmp_path)
         "2",
         "--subset-ranks",
         "4",
+        "--budgets",
+        "4x",
+        "--peers",
+        "lorashare",
+        "--peers-python",
+        str(tmp_path / "no-venv" / "python"),
         "--cache-dir",
         str(tmp_path / "cache"),
+        "--work-dir",
+        str(tmp_path / "work"),
         "--out-dir",
         str(tmp_path / "out"),
         "--results-md",
@@ -41,7 +52,7 @@ def test_fidelity_smoke_run_writes_json_table_plot_and_results_section(tmp_path)
     ]
     assert fidelity.main(argv) == 0
     report = json.loads((tmp_path / "out" / "fidelity.json").read_text())
-    rows = {(r["method"], r["rank"], r["n"]): r for r in report["rows"]}
+    rows = {(r["method"], r["rank"], r["n"]): r for r in report["rows"] if not r.get("budget")}
     assert len(report["tasks"]) == 3 and set(report["per_task"]) == set(report["tasks"])
     # Rank 12 = 3 adapters × r 4 and SVD at rank r are lossless: same predictions as the LoRAs.
     for key in (("jd-full", 12, 3), ("svd", 4, 3), ("lora", 4, 3)):
@@ -54,13 +65,47 @@ def test_fidelity_smoke_run_writes_json_table_plot_and_results_section(tmp_path)
         report["lora_params_per_adapter"] / rows[("jd-full", 12, 3)]["params_per_adapter"]
     )
     assert (tmp_path / "out" / "fidelity.png").stat().st_size > 1000
+
+    # The budgeted row: its bytes per adapter, counted here from the files (Σ of each adapter + bases / n at their
+    # stored dtypes), are those recorded, and fit 1/4 of the LoRAs' bytes at fp16 (2 bytes per LoRA value).
+    (budgeted,) = [r for r in report["rows"] if r.get("budget")]
+    assert budgeted["method"] == "jd-full" and budgeted["n"] == 3 and budgeted["rank"] is None
+    collection = tmp_path / "work" / "jd-full-b4x-c1-n3"
+    assert _stored_bytes(collection, report["tasks"]) == pytest.approx(budgeted["bytes_per_adapter"])
+    lora_bytes = 2 * sum(_values(p) for p in (tmp_path / "cache").rglob("adapter_model.safetensors")) / 3
+    assert budgeted["bytes_per_adapter"] <= lora_bytes / 4
+    assert budgeted["bytes_ratio"] == pytest.approx(lora_bytes / budgeted["bytes_per_adapter"])
+    assert 0 < budgeted["err2"] < 1 and budgeted["module_ranks"]["min"] >= 1
+    # The uniform rows' bytes are measured too: float32 Σ and bases by default.
+    assert _stored_bytes(tmp_path / "work" / "jd-full-r12-c1-n3", report["tasks"]) == pytest.approx(
+        rows[("jd-full", 12, 3)]["bytes_per_adapter"]
+    )
+    # No peers' venv: the peer row is skipped, and the report says why and how to create it.
+    assert [s["label"] for s in report["skipped"]] == ["lorashare-b4x-n3"]
+    assert "peers_env.sh" in report["skipped"][0]["reason"]
+
     text = results.read_text()
     assert text.startswith("# Results\n\nintro\n") and "<!-- fidelity:end -->\n\noutro\n" in text
     assert "old" not in text and "<!-- headline:begin -->\n3 LoRAs on tiny-llama" in text
     assert "--ranks 12" in text and "| jd-full | 12 | 1 | 3 |" in text and "![fidelity](out/fidelity.png)" in text
+    assert "| jd-full | 4x: " in text and "lorashare-b4x-n3: not run" in text
 
 
-def _row(method, rank, clusters, retention, ratio, n=40):
+def _values(path: Path) -> int:
+    return sum(t.numel() for t in load_file(str(path)).values())
+
+
+def _stored_bytes(collection: Path, names: list[str]) -> float:
+    """Bytes per adapter of a JD collection from its files: each adapter's Σ plus the bases shared by all."""
+
+    def size(path: Path) -> int:
+        return sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
+
+    sigma = sum(size(collection / "adapters" / name / "adapter_model.safetensors") for name in names)
+    return (sigma + size(collection / "bases" / "jd_bases.safetensors")) / len(names)
+
+
+def _row(method, rank, clusters, retention, ratio, n=40, **extra):
     return {
         "method": method,
         "rank": rank,
@@ -68,12 +113,15 @@ def _row(method, rank, clusters, retention, ratio, n=40):
         "n": n,
         "params_per_adapter": 1e6 / ratio,
         "memory_ratio": ratio,
+        "bytes_per_adapter": 2e6 / ratio,
+        "bytes_ratio": ratio,
         "err2": 0.5,
         "exact_match": 0.8 * retention,
         "rouge_l": 0.9,
         "em_retention": retention,
         "rouge_retention": 1.0,
         "agreement": 0.97,
+        **extra,
     }
 
 
@@ -101,6 +149,55 @@ def test_headline_picks_the_most_compressed_setting_that_keeps_99_percent():
     assert "misses" in fidelity_report.headline(_report([_row("jd-full", 64, 1, 0.995, 3.0)]))
 
 
+def test_budgeted_and_peer_rows_in_headline_falloff_table_and_plot(tmp_path):
+    ranks = {"min": 4, "mean": 11.5, "max": 24}
+    report = _report(
+        [
+            _row("jd-full", 16, 1, 0.991, 12.0),
+            _row("jd-full", 8, 1, 0.95, 23.0),
+            _row("jd-full", None, 1, 0.993, 16.1, budget="16x", module_ranks=ranks),
+            _row("jd-full", None, 1, 0.97, 32.2, budget="32x", module_ranks=ranks),
+            _row("lorashare", 16, 0, 0.92, 16.2, budget="16x", setting={"num_components": 16}),
+            _row("lorashare", 8, 0, 0.85, 32.4, budget="32x", setting={"num_components": 8}),
+            _row("svd", 4, 0, 0.999, 4.0),
+        ]
+    )
+    report["skipped"] = [{"label": "vlora-b32x-n40", "reason": "no setting fits: …"}]
+    # The budgeted row keeps ≥ 99% at the highest ratio: it is the headline.
+    assert "JD-Full at budget 16x, 1 cluster keeps 99.3%" in fidelity_report.headline(report)
+    falloff = fidelity_report.falloff(report)
+    assert "- JD-Full, 1 cluster(s): ≥ 99% from rank 16 (12.0×); EM kept by rank: r8: 95.0%, r16: 99.1%." in falloff
+    assert (
+        "- JD-Full with a budget, 1 cluster(s), at equal bytes per adapter: EM kept 32x (32.2×): 97.0%, "
+        "16x (16.1×): 99.3%." in falloff
+    )
+    assert (
+        "- lorashare (SHARE), at equal bytes per adapter: EM kept 32x (32.4×, k=8): 85.0%, 16x (16.2×, k=16): 92.0%."
+        in falloff
+    )
+    assert "- vlora-b32x-n40: not run, no setting fits: …." in falloff
+    cells = {r["method"] + str(r["rank"]): fidelity_report._rank_cell(r) for r in report["rows"]}
+    assert cells["jd-fullNone"] in ("16x: 4–24", "32x: 4–24") and cells["lorashare16"] == "k=16 @ 16x"
+    assert fidelity_report._bytes_cell(report["rows"][2]) == "166.7 kB (12.0×)"
+
+    plot = fidelity_report.write_budget_plot(report, tmp_path / "budget.png")
+    assert plot == tmp_path / "budget.png" and plot.stat().st_size > 1000
+    without = _report([_row("jd-full", 16, 1, 0.991, 12.0)])
+    assert fidelity_report.write_budget_plot(without, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+    lines = sorted({fidelity_report._line_label(r) for r in report["rows"][2:]})
+    assert lines == [
+        "JD-Full, budget, 1 cluster(s)",
+        "JD-Full, uniform rank, 1 cluster(s)",
+        "lorashare (SHARE)",
+        "per-adapter SVD",
+    ]
+    page = tmp_path / "results.md"
+    page.write_text("<!-- fidelity:begin -->\n<!-- fidelity:end -->\n")
+    fidelity_report.update_results(page, "table\n", [tmp_path / "a.png", plot], "cmd")
+    assert page.read_text().endswith("table\n\n![a](a.png)\n\n![budget](budget.png)\n<!-- fidelity:end -->\n")
+
+
 def test_update_results_requires_markers(tmp_path):
     page = tmp_path / "results.md"
     page.write_text("# Results without markers\n")
@@ -122,12 +219,18 @@ def test_interrupted_run_resumes_from_saved_rows(tmp_path, monkeypatch):
         "4",
         "--subset-sizes",
         "0",
+        "--sigma-dtype",
+        "float16",
+        "--bases-dtype",
+        "float16",
         "--cache-dir",
         str(tmp_path / "cache"),
+        "--work-dir",
+        str(tmp_path / "work"),
         "--out-dir",
         str(tmp_path / "out"),
     ]
-    real_run_setting = fidelity._run_setting
+    real_run_setting = fidelity.run_setting
     calls = []
 
     def crash_on_second_setting(zoo, setting, *args, **kwargs):
@@ -136,7 +239,7 @@ def test_interrupted_run_resumes_from_saved_rows(tmp_path, monkeypatch):
             raise RuntimeError("interrupted")
         return real_run_setting(zoo, setting, *args, **kwargs)
 
-    monkeypatch.setattr(fidelity, "_run_setting", crash_on_second_setting)
+    monkeypatch.setattr(fidelity, "run_setting", crash_on_second_setting)
     with pytest.raises(RuntimeError, match="interrupted"):
         fidelity.main(argv)
     partial = json.loads((tmp_path / "out" / "fidelity.partial.json").read_text())
@@ -160,6 +263,13 @@ def test_interrupted_run_resumes_from_saved_rows(tmp_path, monkeypatch):
     ]
     assert report["rows"][3] == partial["rows"]["jd-full-r4-c1-n3"]
     assert not (tmp_path / "out" / "fidelity.partial.json").exists()
+    # --sigma-dtype/--bases-dtype reach every JD collection: stored as float16, 2 bytes per value in the row.
+    bases = load_file(str(tmp_path / "work" / "jd-full-r8-c1-n3" / "bases" / "jd_bases.safetensors"))
+    assert {t.dtype for t in bases.values()} == {torch.float16}
+    row = report["rows"][4]
+    assert row["sigma_dtype"] == row["bases_dtype"] == "float16"
+    assert row["bytes_per_adapter"] == pytest.approx(2 * row["params_per_adapter"])
+    assert partial["key"]["storage"] == {"sigma_dtype": "float16", "bases_dtype": "float16"}
 
     # A file written for another test split or training setting is another experiment: nothing is reused.
     path = tmp_path / "out" / "fidelity.partial.json"
@@ -175,3 +285,20 @@ def test_explicit_settings_replace_the_grid():
     assert labels == ["jd-full-r16-c4-n40", "jd-diag-r64-c1-n40", "jd-full-r8-c1-n10", "jd-full-r16-c1-n10"]
     with pytest.raises(SystemExit, match="METHOD:RANK:CLUSTERS"):
         fidelity.settings_grid(fidelity.parse_args(["--settings", "jd-full-16"]), 40)
+
+
+def test_budgets_add_one_setting_per_method_budget_and_cluster_count(capsys):
+    args = fidelity.parse_args(
+        ["--settings", "jd-full:16:1", "--subset-sizes", "0", "--budgets", "16x", "150KB", "--methods", "jd-full"]
+    )
+    labels = [s.label for s in fidelity.settings_grid(args, 40)]
+    assert labels == ["jd-full-r16-c1-n40", "jd-full-b16x-c1-n40", "jd-full-b150KB-c1-n40"]
+    for argv, message in (
+        (["--budgets", "0x"], "cannot read budget '0x'"),
+        (["--budgets", "sixteen"], "cannot read budget"),
+        (["--peers", "vlora"], "give the --budgets"),
+        (["--budgets", "8x", "--peers", "other"], "invalid choice"),
+    ):
+        with pytest.raises(SystemExit):
+            fidelity.parse_args(argv)
+        assert message in capsys.readouterr().err, argv
