@@ -37,6 +37,7 @@ from .budgeted import (
     nested_tensors,
     plan_budget,
     plan_target,
+    refine,
 )
 from .calibration import DEFAULT_DAMPING, InputStatistics, Whitening
 from .cards import bases_card, collection_adapter_card
@@ -266,17 +267,23 @@ def _module_stack(loras: list[LoraAdapter], module_key: str, whitening: Whitenin
 
 
 def _module_result(work: WorkDir, index: int, module_key: str, ranks: dict[str, int] | None,
-                   private: dict[str, torch.Tensor], loras: list[LoraAdapter], whitening: Whitening | None
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A finished module's tensors (`U`, `V`, `sigma`, `cluster`, `err2`), truncated to its rank and given its
-    private clusters in budgeted runs."""
+                   private: dict[str, torch.Tensor], loras: list[LoraAdapter], whitening: Whitening | None,
+                   settings: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A finished module's tensors (`U`, `V`, `sigma`, `cluster`, `err2`); in budgeted runs truncated to its rank,
+    refined there, and given its private clusters."""
     if ranks is None:
         return work.load(index, module_key)
     tensors, info = work.load(index, module_key, NESTED_NAMES)
     result = nested_from_tensors(tensors).truncate(ranks[module_key])
+    # The updates are read again (the allocation came after the solve): refine at the module's rank, then give the
+    # fallback adapters their private clusters.
+    stack = _module_stack(loras, module_key, whitening)
+    t0 = time.perf_counter()
+    result = refine(result, stack, settings["method"], normalization_weights(stack, settings["normalize"]),
+                    settings["tol"], settings["max_iter"])
+    info["seconds_refine"] = time.perf_counter() - t0
     if module_key in private:
-        # The allocation chose these adapters after the solve: their own factors are read again.
-        result = add_private_clusters(result, _module_stack(loras, module_key, whitening), private[module_key])
+        result = add_private_clusters(result, stack, private[module_key])
         info["fallback"] = private[module_key].tolist()
     return {"U": result.U, "V": result.V, "sigma": result.sigma, "cluster": result.cluster,
             "err2": result.err2}, info
@@ -297,7 +304,7 @@ def _assemble(out_dir: Path, work: WorkDir, loras: list[LoraAdapter], spec: Coll
     errors2: dict[str, dict[str, float]] = {a.name: {} for a in loras}
     modules: dict[str, dict[str, Any]] = {}
     for index, module_key in enumerate(module_keys):
-        tensors, info = _module_result(work, index, module_key, ranks, private or {}, loras, whitening)
+        tensors, info = _module_result(work, index, module_key, ranks, private or {}, loras, whitening, settings)
         info["fallback"] = [loras[i].name for i in info.get("fallback", [])]
         dtype = STORAGE_DTYPES[settings["bases_dtype"]]
         V = tensors["V"] if whitening is None else whitening.restore(tensors["V"], module_key)
