@@ -245,6 +245,10 @@ def write_plot(report: dict, path: Path) -> Path | None:
     right.set_title("quality vs reconstruction error")
     if rows or svd:
         right.legend(fontsize=8)
+    return _save_figure(fig, plt, path)
+
+
+def _save_figure(fig, plt, path: Path) -> Path:
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, dpi=120, format="png")
@@ -291,12 +295,7 @@ def write_budget_plot(report: dict, path: Path) -> Path | None:
     ax.set_ylabel("exact match, % of the LoRAs'")
     ax.set_title(f"{n} adapters: quality at equal bytes")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, dpi=120, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, image.getvalue())
-    return path
+    return _save_figure(fig, plt, path)
 
 
 def _replace_between(text: str, begin: str, end: str, body: str) -> str:

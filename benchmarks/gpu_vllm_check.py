@@ -34,7 +34,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Optional
+
+from vllm_server import VLLMServer
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,52 +179,17 @@ def plugin_pythonpath(work: Path) -> str:
     return os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args, model_dir: Path, collection_root: Path, work: Path) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
-               "--max-model-len", "512", "--seed", "0", "--enforce-eager"]
+def start_server(args, model_dir: Path, collection_root: Path, work: Path) -> VLLMServer:
+    server_args = ["--dtype", args.dtype, "--max-model-len", "512", "--seed", "0", "--enforce-eager"]
     if args.device == "cuda":
-        command += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+        server_args += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     env = {**os.environ, "PYTHONPATH": plugin_pythonpath(work), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true",
            "VLLM_JD_COLLECTIONS": str(collection_root), "VLLM_JD_ALLOW_UNTESTED": "1", "HF_HUB_OFFLINE": "1",
            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     if args.device == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    log = work / "server.log"
-    with open(log, "w") as handle:
-        proc = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=str(work))
-    return proc, f"http://127.0.0.1:{port}", log
-
-
-def wait_ready(proc: subprocess.Popen, url: str, deadline: float) -> None:
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the vLLM server exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError("the vLLM server was not ready within the time budget")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    return VLLMServer(sys.executable, model_dir, server_args, env, work / "server.log", served_name=SERVED,
+                      cwd=work)
 
 
 class Client:
@@ -289,10 +255,11 @@ def run(args, report: dict, deadline: float, save) -> None:
     work = Path(tempfile.mkdtemp(prefix="gpu_vllm_check_"))
     model, tokenizer = build_model(work / "model", args.hidden, args.layers)
     collection = build_collection(work / "collection", model, args.adapters)
-    proc, url, log = start_server(args, work / "model", work / "collection", work)
+    server = start_server(args, work / "model", work / "collection", work)
+    url, log = server.url, server.log
     started = time.perf_counter()
     try:
-        wait_ready(proc, url, deadline)
+        server.wait_ready(timeout=max(1.0, deadline - time.time()))
         report["startup_s"] = round(time.perf_counter() - started, 1)
         client = Client(url, timeout=max(10.0, deadline - time.time()))
         report["client"] = client.kind
@@ -313,7 +280,7 @@ def run(args, report: dict, deadline: float, save) -> None:
         report["throughput"] = {**best, "jd_over_no_lora": round(best["jd"]["req_per_s"] /
                                                                  best["no_lora"]["req_per_s"], 3), "rounds": rounds}
     finally:
-        stop_server(proc)
+        server.stop(timeout=20)
         report["server_log_tail"] = log.read_text(errors="replace")[-4000:] if log.exists() else ""
         if args.out and log.exists():  # the whole log beside the report (the work folder is removed)
             shutil.copyfile(log, Path(args.out).with_name(Path(args.out).stem + "_server.log"))

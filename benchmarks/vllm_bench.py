@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from vllm_server import VLLMServer
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,39 +139,15 @@ def plain_loras(cache: Path, model: Path, n: int) -> list[Path]:
     return paths
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, args: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [str(VENV_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
-               "--seed", "0", *args]
-    proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(log.read_text()[-4000:])
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
+def start_server(model: Path, args: list[str], env: dict, log: Path) -> VLLMServer:
+    server = VLLMServer(str(VENV_PYTHON), model, ["--max-model-len", "512", "--seed", "0", *args],
+                        {**os.environ, **env}, log)
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        server.wait_ready(timeout=900)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -234,7 +209,8 @@ def run_system(system: str, n: int, args, model: Path, cache: Path) -> list[dict
     elif system != "none":
         raise ValueError(f"unknown system {system!r}")
     log = cache / f"server-{system}-{n}.log"
-    proc, url = start_server(model, server_args, env, log)
+    server = start_server(model, server_args, env, log)
+    proc, url = server.proc, server.url
     try:
         servable = load_adapters(url, items) if items else 0.0
         names = [name for name, _ in items]
@@ -247,7 +223,7 @@ def run_system(system: str, n: int, args, model: Path, cache: Path) -> list[dict
             print(json.dumps(rows[-1]), flush=True)
         return rows
     finally:
-        stop_server(proc)
+        server.stop(timeout=60)
 
 
 def main(argv=None) -> int:

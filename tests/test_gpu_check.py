@@ -3,7 +3,7 @@ peft/transformers, and the test runner it uses on a GPU."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -19,10 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("gpu_check")  # benchmarks/ is on pytest's pythonpath
 
 
 def test_gpu_check_arguments(gpu_check):
@@ -94,10 +91,7 @@ def test_gpu_check_test_runner(gpu_check):
 
 @pytest.fixture(scope="module")
 def vllm_check():
-    spec = importlib.util.spec_from_file_location("gpu_vllm_check", ROOT / "benchmarks" / "gpu_vllm_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("gpu_vllm_check")
 
 
 def test_gpu_vllm_check_arguments(vllm_check):

@@ -12,17 +12,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from vllm_server import VLLMServer
 
 from peft_jd.core import BasesConfig, write_bases, write_sigma_adapter
 
@@ -140,12 +138,6 @@ def greedy(model, tokenizer, prompt: str) -> list[int]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_corrupt_adapter(directory: Path, like: Path) -> None:
     """A JD adapter whose Σ holds NaN (its config is a valid one's)."""
     directory.mkdir(parents=True)
@@ -154,44 +146,10 @@ def write_corrupt_adapter(directory: Path, like: Path) -> None:
     save_file({key: torch.full((RANK, RANK), float("nan"))}, str(directory / "adapter_model.safetensors"))
 
 
-class Server:
-    """`python -m vllm.entrypoints.openai.api_server` in the vLLM venv, stopped by `stop()`."""
-
-    def __init__(self, model_dir: Path, args: list[str], env: dict[str, str], log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [str(VENV_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                   "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(self.port), "--dtype",
-                   "float32", "--max-model-len", "256", "--seed", "0", *args]
-        self.log = log
-        self._log_file = open(log, "w")
-        self.proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=str(log.parent))
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        import urllib.request
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited ({self.proc.returncode}):\n{self.log.read_text()[-6000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-        raise TimeoutError(f"vLLM server not ready after {timeout}s:\n{self.log.read_text()[-6000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log_file.close()
+def Server(model_dir: Path, args: list[str], env: dict[str, str], log: Path) -> VLLMServer:
+    """The vLLM venv's OpenAI server on the test model (float32, greedy-reproducible), stopped by `stop()`."""
+    return VLLMServer(str(VENV_PYTHON), model_dir, ["--dtype", "float32", "--max-model-len", "256", "--seed", "0",
+                                                    *args], {**os.environ, **env}, log, served_name=SERVED)
 
 
 @pytest.fixture(scope="module")

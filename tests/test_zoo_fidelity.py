@@ -15,6 +15,12 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+def _folders(tmp_path) -> list[str]:
+    """The LoRA cache, work and output folders of a test run, under `tmp_path`."""
+    return ["--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"), "--out-dir",
+            str(tmp_path / "out")]
+
+
 def test_fidelity_smoke_run_writes_json_table_plot_and_results_section(tmp_path):
     results = tmp_path / "results.md"
     results.write_text(
@@ -41,12 +47,7 @@ def test_fidelity_smoke_run_writes_json_table_plot_and_results_section(tmp_path)
         "lorashare",
         "--peers-python",
         str(tmp_path / "no-venv" / "python"),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--work-dir",
-        str(tmp_path / "work"),
-        "--out-dir",
-        str(tmp_path / "out"),
+        *_folders(tmp_path),
         "--results-md",
         str(results),
     ]
@@ -223,12 +224,7 @@ def test_interrupted_run_resumes_from_saved_rows(tmp_path, monkeypatch):
         "float16",
         "--bases-dtype",
         "float16",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--work-dir",
-        str(tmp_path / "work"),
-        "--out-dir",
-        str(tmp_path / "out"),
+        *_folders(tmp_path),
     ]
     real_run_setting = fidelity.run_setting
     calls = []
