@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=["jd-full", "jd-diag"])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 24, 32, 64])
     parser.add_argument("--clusters", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--svd-ranks", type=int, nargs="+", default=[4, 8], help="per-adapter SVD baseline ranks")
+    parser.add_argument("--svd-ranks", type=int, nargs="+", default=[4, 8],
+                        help="per-adapter SVD baseline ranks (0: none)")
     parser.add_argument(
         "--subset-sizes",
         type=int,
@@ -327,14 +328,19 @@ def run(args: argparse.Namespace, publish: Callable[[dict], None] = lambda repor
     with tempfile.TemporaryDirectory(prefix="peft-jd-fidelity-") as scratch:
         work = Path(args.work_dir or scratch)
         ctx = Context(zoo, loras, requests, lora, work, args.batch_size, lora_params, storage)
-        for rank in args.svd_ranks:
+        for rank in (r for r in args.svd_ranks if r > 0):
             label = f"svd-r{rank}"
             if not checkpoint.reuse(label, rows):
                 svd = {n: truncate_lora(p, ctx.work / label / n, rank) for n, p in loras.items()}
                 finish(label, lora_format_row(ctx, "svd", rank, label, svd))
         for setting in settings_grid(args, len(names)):
-            if not checkpoint.reuse(setting.label, rows):
+            if checkpoint.reuse(setting.label, rows):
+                continue
+            try:
                 finish(setting.label, run_setting(zoo, setting, ctx))
+            except UsageError as error:  # e.g. a budget below the smallest collection: the other rows still run
+                skipped.append({"label": setting.label, "reason": str(error)})
+                log(f"{setting.label}: skipped, {error}")
         # The peers at the same bytes per adapter as the budgeted rows, run in their own venv.
         python, missing = peers_python(args.peers_python) if args.peers else (None, None)
         for budget in args.budgets:

@@ -43,6 +43,7 @@ def test_fidelity_smoke_run_writes_json_table_plot_and_results_section(tmp_path)
         "4",
         "--budgets",
         "4x",
+        "1000x",
         "--peers",
         "lorashare",
         "--peers-python",
@@ -81,9 +82,12 @@ def test_fidelity_smoke_run_writes_json_table_plot_and_results_section(tmp_path)
     assert _stored_bytes(tmp_path / "work" / "jd-full-r12-c1-n3", report["tasks"]) == pytest.approx(
         rows[("jd-full", 12, 3)]["bytes_per_adapter"]
     )
-    # No peers' venv: the peer row is skipped, and the report says why and how to create it.
-    assert [s["label"] for s in report["skipped"]] == ["lorashare-b4x-n3"]
-    assert "peers_env.sh" in report["skipped"][0]["reason"]
+    # A budget below the smallest collection is skipped with compress's reason; the other rows still run. No peers'
+    # venv: the peer rows are skipped, and the report says why and how to create it.
+    skipped = {s["label"]: s["reason"] for s in report["skipped"]}
+    assert set(skipped) == {"jd-full-b1000x-c1-n3", "lorashare-b4x-n3", "lorashare-b1000x-n3"}
+    assert "below the smallest collection" in skipped["jd-full-b1000x-c1-n3"]
+    assert "peers_env.sh" in skipped["lorashare-b4x-n3"]
 
     text = results.read_text()
     assert text.startswith("# Results\n\nintro\n") and "<!-- fidelity:end -->\n\noutro\n" in text
