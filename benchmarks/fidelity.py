@@ -103,6 +103,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--bases-dtype", default="float32", choices=sorted(STORAGE_DTYPES))
     parser.add_argument(
+        "--calibration",
+        type=int,
+        default=0,
+        metavar="PROMPTS_PER_TASK",
+        help="compress every JD row activation-aware (compress --calibration), with the base model's input "
+        "statistics on this many training prompts per task (never the validation or test splits); 0: off",
+    )
+    parser.add_argument(
         "--peers",
         nargs="+",
         default=[],
@@ -256,6 +264,9 @@ def run(args: argparse.Namespace, publish: Callable[[dict], None] = lambda repor
     # LoRAs are counted at fp16, their serving precision, as report.json and `compress --budget` count them.
     lora_bytes = REFERENCE_BYTES * lora_params
     storage = {"sigma_dtype": args.sigma_dtype, "bases_dtype": args.bases_dtype}
+    if args.calibration:
+        storage["calibration"] = str(calibration_statistics(zoo, tasks, splits, args.calibration,
+                                                            settings.target_modules))
     rows: list[dict] = []
     skipped: list[dict] = []
     key = {
@@ -358,6 +369,23 @@ def run(args: argparse.Namespace, publish: Callable[[dict], None] = lambda repor
                     finish(label, peer_row(ctx, method, budget, label, result.adapters, result.report))
 
     return report()
+
+
+def calibration_statistics(zoo, tasks, splits: dict, per_task: int, target_modules) -> Path:
+    """Input statistics of the base model on `per_task` training examples of every task (prompt and answer, as the
+    LoRAs were trained on them), saved to a temporary file for `compress --calibration`."""
+    from peft_jd.compression.calibration import collect_input_statistics
+    from peft_jd.zoo.batching import make_batch
+
+    batches = []
+    for task in tasks:
+        batch = make_batch(zoo.tokenizer, task, splits[task.name].train[:per_task])
+        batches.append({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                        "position_ids": batch.position_ids})
+    statistics = collect_input_statistics(zoo.model, batches, target_modules, model_name=zoo.model_id)
+    path = Path(tempfile.mkdtemp(prefix="peft-jd-calibration-")) / "calibration.safetensors"
+    log(f"calibration: input statistics of {len(statistics.groups)} modules on {statistics.tokens:,} tokens")
+    return statistics.save(path)
 
 
 def write_outputs(report: dict, args: argparse.Namespace, argv=None) -> None:
