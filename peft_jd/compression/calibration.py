@@ -129,12 +129,13 @@ def collect_input_statistics(model: torch.nn.Module, batches: Iterable[dict[str,
         def record(_module, inputs):
             x = inputs[0]
             seen = state["seen"]
-            key = (x.data_ptr(), tuple(x.shape))
-            if key in seen:  # the same input as another module of this forward (q/k/v): one moment for all
-                groups.setdefault(name, seen[key])
+            entry = seen.get(id(x))
+            if entry is not None and entry[1] is x:  # the same input as another module (q/k/v): one moment for all
+                groups.setdefault(name, entry[0])
                 return
             group = groups.setdefault(name, len(sums))
-            seen[key] = group
+            # The tensor is kept until the forward ends, so that its id cannot be reused by another layer's input.
+            seen[id(x)] = (group, x)
             rows = x.reshape(-1, x.shape[-1])[state["mask"]].double()
             moment = rows.T @ rows
             sums[group] = moment if group not in sums else sums[group] + moment
