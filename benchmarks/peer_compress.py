@@ -222,15 +222,27 @@ def relative_error2(original: tuple[torch.Tensor, torch.Tensor], approx: tuple[t
     return max(0.0, diff) / max(norm, 1e-30)
 
 
+def _folder_name(name: str) -> str:
+    """`name` as one folder inside the output (a plain subset of `peft_jd.core.check_path_component`, not imported: see
+    above); a name from the command line never writes outside `--out`."""
+    if not name or name in (".", "..") or any(ch in name for ch in "/\\\0") or name != name.strip():
+        raise SystemExit(f"adapter name {name!r} cannot be a folder name; rename it (NAME=DIR).")
+    return name
+
+
 def write_outputs(out: Path, adapters: dict[str, Path], result: Compressed, report: dict) -> None:
     """One PEFT LoRA folder per adapter and the report, written beside `out` and renamed into place when complete
     (an interrupted run leaves a `.tmp-*` sibling, never an `out` that looks complete)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would make the result private
+    if out.exists() and any(out.iterdir()) and not (out / REPORT_NAME).is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"{out} is not empty and holds no {REPORT_NAME}: it was not written by peer_compress.py and "
+                         "is left as it is; choose another --out.")
     try:
         for name, factors in result.factors.items():
-            folder = tmp / name
+            folder = tmp / _folder_name(name)
             folder.mkdir()
             tensors = {}
             for key, (lora_a, lora_b) in factors.items():

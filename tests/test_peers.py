@@ -132,3 +132,24 @@ def test_no_fitting_setting_exits_3_and_writes_nothing(loras, tmp_path):
     done = _run("vlora", loras, 100, tmp_path / "out")
     assert done.returncode == peer_compress.NO_FIT_STATUS and "no setting fits 100 bytes" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_outputs_never_leave_out_nor_replace_a_foreign_folder(tmp_path):
+    lora = make_lora(tmp_path / "lora", r=2, alpha=4, seed=0)
+    factors = {"model.layers.0.self_attn.q_proj": (torch.zeros(2, 64), torch.zeros(64, 2))}
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("user data")
+    result = peer_compress.Compressed({"a": factors}, {"a": 1}, 0)
+    with pytest.raises(SystemExit, match="not written by peer_compress"):
+        peer_compress.write_outputs(foreign, {"a": lora}, result, {})
+    assert (foreign / "keep.txt").read_text() == "user data"
+    for hostile in ("../escape", "..", "a/b", ""):
+        hostile_result = peer_compress.Compressed({hostile: factors}, {hostile: 1}, 0)
+        with pytest.raises(SystemExit, match="cannot be a folder name"):
+            peer_compress.write_outputs(tmp_path / "out", {hostile: lora}, hostile_result, {})
+    assert not (tmp_path / "escape").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    peer_compress.write_outputs(tmp_path / "out", {"a": lora}, result, {})
+    peer_compress.write_outputs(tmp_path / "out", {"a": lora}, result, {})  # its own output is replaced
+    assert (tmp_path / "out" / "a" / "adapter_config.json").is_file()
