@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from fidelity_peers import compress_with_peer, peers_python
+from fidelity_reference import load_reference, reference_key, save_reference
 from fidelity_report import (
     atomic_write_text,
     closing_note,
@@ -47,6 +48,7 @@ from peft_jd.zoo import (
     DEMO_TASKS,
     TrainSettings,
     build_requests,
+    default_cache_dir,
     evaluate,
     load_lora_collection,
     load_smollm2,
@@ -68,8 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=["jd-full", "jd-diag"])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 24, 32, 64])
     parser.add_argument("--clusters", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--svd-ranks", type=int, nargs="+", default=[4, 8],
-                        help="per-adapter SVD baseline ranks (0: none)")
+    parser.add_argument(
+        "--svd-ranks", type=int, nargs="+", default=[4, 8], help="per-adapter SVD baseline ranks (0: none)"
+    )
     parser.add_argument(
         "--subset-sizes",
         type=int,
@@ -139,7 +142,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resume",
         action="store_true",
         help="reuse compressed-setting rows saved by an interrupted run with the same tasks and test split "
-        "(OUT_DIR/fidelity.partial.json); base and LoRA are always re-evaluated",
+        "(OUT_DIR/fidelity.partial.json), and the base and LoRA evaluations of any earlier run with the same "
+        "tasks, test split, LoRA weights, batch size and library versions (kept in the zoo cache)",
     )
     args = parser.parse_args(argv)
     for budget in args.budgets:
@@ -265,8 +269,9 @@ def run(args: argparse.Namespace, publish: Callable[[dict], None] = lambda repor
     lora_bytes = REFERENCE_BYTES * lora_params
     storage = {"sigma_dtype": args.sigma_dtype, "bases_dtype": args.bases_dtype}
     if args.calibration:
-        storage["calibration"] = str(calibration_statistics(zoo, tasks, splits, args.calibration,
-                                                            settings.target_modules))
+        storage["calibration"] = str(
+            calibration_statistics(zoo, tasks, splits, args.calibration, settings.target_modules)
+        )
     rows: list[dict] = []
     skipped: list[dict] = []
     key = {
@@ -280,11 +285,19 @@ def run(args: argparse.Namespace, publish: Callable[[dict], None] = lambda repor
         key["storage"] = storage
     checkpoint = _Checkpoint(args.out_dir / "fidelity.partial.json", key, resume=args.resume)
 
-    model = load_lora_collection(zoo, loras)
-    base = evaluate(model, zoo.tokenizer, requests, BASE_ADAPTER, args.batch_size, desc="base")
-    lora = evaluate(model, zoo.tokenizer, requests, None, args.batch_size, desc="LoRA (mixed)")
-    teacher_forced = _teacher_forced(model, zoo.tokenizer, splits, args.test_per_task, args.batch_size)
-    release(zoo, model)
+    cache_dir = args.cache_dir or default_cache_dir()
+    digest = reference_key(key, loras, args.batch_size)
+    reference = load_reference(cache_dir, digest) if args.resume else None
+    if reference is None:
+        model = load_lora_collection(zoo, loras)
+        base = evaluate(model, zoo.tokenizer, requests, BASE_ADAPTER, args.batch_size, desc="base")
+        lora = evaluate(model, zoo.tokenizer, requests, None, args.batch_size, desc="LoRA (mixed)")
+        teacher_forced = _teacher_forced(model, zoo.tokenizer, splits, args.test_per_task, args.batch_size)
+        release(zoo, model)
+        save_reference(cache_dir, digest, base, lora, teacher_forced)
+    else:
+        base, lora, teacher_forced = reference
+        log(f"base and LoRA evaluations reused from {cache_dir} (--resume)")
     base_summary, lora_summary = summary(base, lora, names), summary(lora, lora, names)
     memory = {"bytes_per_adapter": 0, "bytes_ratio": None}
     rows.append(row("base", 0, 0, len(names), 0, None, 1.0, base_summary, **memory))
@@ -380,8 +393,9 @@ def calibration_statistics(zoo, tasks, splits: dict, per_task: int, target_modul
     batches = []
     for task in tasks:
         batch = make_batch(zoo.tokenizer, task, splits[task.name].train[:per_task])
-        batches.append({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                        "position_ids": batch.position_ids})
+        batches.append(
+            {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
+        )
     statistics = collect_input_statistics(zoo.model, batches, target_modules, model_name=zoo.model_id)
     path = Path(tempfile.mkdtemp(prefix="peft-jd-calibration-")) / "calibration.safetensors"
     log(f"calibration: input statistics of {len(statistics.groups)} modules on {statistics.tokens:,} tokens")

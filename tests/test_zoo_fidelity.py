@@ -250,8 +250,13 @@ def test_interrupted_run_resumes_from_saved_rows(tmp_path, monkeypatch):
     assert "Partial results" in (tmp_path / "out" / "fidelity.md").read_text()
 
     calls.clear()
+    evaluated = []
+    real_evaluate = fidelity.evaluate
+    monkeypatch.setattr(fidelity, "evaluate", lambda *a, **k: evaluated.append(k["desc"]) or real_evaluate(*a, **k))
     assert fidelity.main([*argv, "--resume"]) == 0
     assert calls == ["jd-full-r8-c1-n3"]
+    # The base and LoRA evaluations of the interrupted run were kept in the zoo cache and reused.
+    assert evaluated == [] and len(list((tmp_path / "cache" / "fidelity-reference").glob("*.json"))) == 1
     report = json.loads((tmp_path / "out" / "fidelity.json").read_text())
     assert report["complete"] is True and "Partial" not in (tmp_path / "out" / "fidelity.md").read_text()
     assert [(r["method"], r["rank"]) for r in report["rows"]] == [
@@ -302,3 +307,24 @@ def test_budgets_add_one_setting_per_method_budget_and_cluster_count(capsys):
         with pytest.raises(SystemExit):
             fidelity.parse_args(argv)
         assert message in capsys.readouterr().err, argv
+
+
+def test_reference_cache_misses_when_a_lora_or_the_batch_size_changes(tmp_path):
+    from fidelity_reference import load_reference, reference_key, save_reference
+
+    from peft_jd.zoo import EvalResult
+
+    lora = tmp_path / "task_a"
+    lora.mkdir()
+    (lora / "adapter_model.safetensors").write_bytes(b"weights")
+    key = {"tasks": ["task_a"], "test_per_task": 4}
+    digest = reference_key(key, {"task_a": lora}, 64)
+    assert load_reference(tmp_path, digest) is None
+    base = EvalResult(["x"], {"task_a": {"exact_match": 0.0, "rouge_l": 0.1, "n": 1}}, 1.0, 3)
+    lora_result = EvalResult(["y"], {"task_a": {"exact_match": 1.0, "rouge_l": 1.0, "n": 1}}, 2.0, 4)
+    save_reference(tmp_path, digest, base, lora_result, {"task_a": 1.0})
+    assert load_reference(tmp_path, digest) == (base, lora_result, {"task_a": 1.0})
+    assert reference_key(key, {"task_a": lora}, 32) != digest
+    assert reference_key({**key, "test_per_task": 5}, {"task_a": lora}, 64) != digest
+    (lora / "adapter_model.safetensors").write_bytes(b"retrained")
+    assert reference_key(key, {"task_a": lora}, 64) != digest
