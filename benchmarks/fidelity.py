@@ -114,6 +114,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "statistics on this many training prompts per task (never the validation or test splits); 0: off",
     )
     parser.add_argument(
+        "--fallback-error",
+        type=float,
+        default=None,
+        metavar="ERR2",
+        help="every JD row gives an (adapter, module) pair whose squared relative error on the shared bases exceeds "
+        "ERR2 a private cluster with its own factors (compress --fallback-error), charged to the budget",
+    )
+    parser.add_argument(
         "--peers",
         nargs="+",
         default=[],
@@ -268,6 +276,8 @@ def run(args: argparse.Namespace, publish: Callable[[dict], None] = lambda repor
     # LoRAs are counted at fp16, their serving precision, as report.json and `compress --budget` count them.
     lora_bytes = REFERENCE_BYTES * lora_params
     storage = {"sigma_dtype": args.sigma_dtype, "bases_dtype": args.bases_dtype}
+    if args.fallback_error is not None:
+        storage["fallback_error"] = args.fallback_error
     if args.calibration:
         storage["calibration"] = str(
             calibration_statistics(zoo, tasks, splits, args.calibration, settings.target_modules)
@@ -286,7 +296,8 @@ def run(args: argparse.Namespace, publish: Callable[[dict], None] = lambda repor
     checkpoint = _Checkpoint(args.out_dir / "fidelity.partial.json", key, resume=args.resume)
 
     cache_dir = args.cache_dir or default_cache_dir()
-    digest = reference_key(key, loras, args.batch_size)
+    # Storage and calibration change only the compressed rows, so runs that differ in them share the reference.
+    digest = reference_key({k: v for k, v in key.items() if k != "storage"}, loras, args.batch_size)
     reference = load_reference(cache_dir, digest) if args.resume else None
     if reference is None:
         model = load_lora_collection(zoo, loras)

@@ -180,6 +180,8 @@ def run_setting(zoo, setting: Setting, ctx: Context) -> dict:
             "budget": setting.budget,
             "module_ranks": {"min": min(ranks), "mean": statistics.fmean(ranks), "max": max(ranks)},
         }
+    if "fallback_error" in ctx.storage:
+        extra["fallback_pairs"] = sum(len(m.get("fallback", [])) for m in compressed["modules"].values())
     return row(
         setting.method,
         setting.rank,

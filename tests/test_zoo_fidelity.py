@@ -328,3 +328,20 @@ def test_reference_cache_misses_when_a_lora_or_the_batch_size_changes(tmp_path):
     assert reference_key({**key, "test_per_task": 5}, {"task_a": lora}, 64) != digest
     (lora / "adapter_model.safetensors").write_bytes(b"retrained")
     assert reference_key(key, {"task_a": lora}, 64) != digest
+
+
+def test_fallback_error_reaches_every_jd_row_and_counts_the_private_pairs(tmp_path):
+    argv = ["--smoke", "--methods", "jd-diag", "--ranks", "2", "--clusters", "1", "--svd-ranks", "0",
+            "--subset-sizes", "0", "--budgets", "2x", "--fallback-error", "0.05", "--sigma-dtype", "float16",
+            "--bases-dtype", "float16", *_folders(tmp_path)]
+    assert fidelity.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    jd_rows = [r for r in report["rows"] if r["method"] == "jd-diag"]
+    assert len(jd_rows) == 2 and report["storage"]["fallback_error"] == 0.05
+    for row in jd_rows:
+        label = f"jd-diag-{'b2x' if row.get('budget') else 'r2'}-c1-n3"
+        compressed = json.loads((tmp_path / "work" / label / "report.json").read_text())
+        assert compressed["settings"]["fallback_error"] == 0.05
+        pairs = sum(len(m.get("fallback", [])) for m in compressed["modules"].values())
+        # Rank 2 of three rank-4 LoRAs cannot stay under 5% error: some pairs fall back, and the row says how many.
+        assert row["fallback_pairs"] == pairs > 0
