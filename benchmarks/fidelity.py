@@ -114,6 +114,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "statistics on this many training prompts per task (never the validation or test splits); 0: off",
     )
     parser.add_argument(
+        "--allocation-weighting",
+        default="module",
+        choices=["module", "energy"],
+        help="objective of the budgeted rows' rank allocation (compress's allocation_weighting)",
+    )
+    parser.add_argument(
         "--fallback-error",
         type=float,
         default=None,
@@ -278,6 +284,8 @@ def run(args: argparse.Namespace, publish: Callable[[dict], None] = lambda repor
     storage = {"sigma_dtype": args.sigma_dtype, "bases_dtype": args.bases_dtype}
     if args.fallback_error is not None:
         storage["fallback_error"] = args.fallback_error
+    if args.allocation_weighting != "module":
+        storage["allocation_weighting"] = args.allocation_weighting
     if args.calibration:
         storage["calibration"] = str(
             calibration_statistics(zoo, tasks, splits, args.calibration, settings.target_modules)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from collection_fixtures import lora_delta, make_lora, sigma_delta
 from peft import PeftModel
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from utils import target_linears, tiny_llama
 
 import peft_jd
@@ -282,6 +284,55 @@ def test_per_module_allocation_for_an_error_target(loras, tmp_path):
     if uniform.mean_err2 <= target:
         assert allocated.sizes["bytes"]["bytes_per_adapter"] <= uniform.sizes["bytes"]["bytes_per_adapter"] + 1e-6
     assert allocated.data["settings"]["rank_allocation"] == "per-module"
+
+
+def _scaled_loras(loras: dict[str, Path], root: Path, module_key: str, factor: float) -> dict[str, Path]:
+    """Copies of `loras` whose update on `module_key` is `factor` times larger (relative errors unchanged)."""
+    scaled = {}
+    for name, path in loras.items():
+        shutil.copytree(path, root / name)
+        weights = root / name / "adapter_model.safetensors"
+        tensors = load_file(str(weights))
+        tensors[f"base_model.model.{module_key}.lora_B.weight"] *= factor
+        save_file(tensors, str(weights))
+        scaled[name] = root / name
+    return scaled
+
+
+def test_energy_weighting_minimises_each_adapters_total_relative_error(loras, tmp_path):
+    module_key = sorted(lora_factors_keys(loras["a"]))[0]
+    scaled = _scaled_loras(loras, tmp_path / "scaled", module_key, 10.0)
+    reports = {weighting: compress(list(scaled.values()), tmp_path / weighting, budget="3x", progress=False,
+                                   allocation_weighting=weighting)
+               for weighting in ("module", "energy")}
+
+    def adapter_error(weighting: str) -> float:
+        """Mean over adapters of Σ_m ‖ΔW − ΔŴ‖² / Σ_m ‖ΔW‖², from the LoRA files and the collection's files."""
+        total = []
+        for name, path in scaled.items():
+            keys = lora_factors_keys(path)
+            deltas = {key: lora_delta(path, key) for key in keys}
+            residual = sum(float((deltas[k] - sigma_delta(tmp_path / weighting, name, k)).pow(2).sum()) for k in keys)
+            total.append(residual / sum(float(d.pow(2).sum()) for d in deltas.values()))
+        return sum(total) / len(total)
+
+    ranks = {weighting: _module_ranks(tmp_path / weighting) for weighting in reports}
+    # The module holding most of every adapter's update gets a higher rank, and the error per adapter drops.
+    assert ranks["energy"][module_key] > ranks["module"][module_key]
+    assert adapter_error("energy") < adapter_error("module")
+    assert reports["energy"].data["settings"]["allocation_weighting"] == "energy"
+    for report in reports.values():
+        memory = report.sizes["bytes"]
+        assert memory["bytes_per_adapter"] <= memory["lora_bytes_per_adapter"] / 3 + 1e-6
+    with pytest.raises(UsageError, match="allocation_weighting"):
+        compress(list(loras.values()), tmp_path / "bad", budget="6x", allocation_weighting="adapter")
+
+
+def lora_factors_keys(path: Path) -> list[str]:
+    """The module keys of a saved LoRA, from its weight names."""
+    prefix, suffix = "base_model.model.", ".lora_A.weight"
+    return [k[len(prefix) : -len(suffix)] for k in load_file(str(path / "adapter_model.safetensors")) if
+            k.endswith(suffix)]
 
 
 # ------------------------------------------------------------------------------------------------- fallback

@@ -145,14 +145,22 @@ def nested_from_tensors(tensors: dict[str, torch.Tensor]) -> NestedModule:
 
 
 def allocate(plan: BudgetPlan, errors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
-             fallback_error: float | None = None) -> tuple[Allocation, dict[str, torch.Tensor]]:
+             fallback_error: float | None = None, weights: dict[str, torch.Tensor] | None = None
+             ) -> tuple[Allocation, dict[str, torch.Tensor]]:
     """Ranks per module from every module's per-adapter err² curves `(n, K)`, and the fallback adapters per module.
+
+    `weights` (module → `(n,)`) weigh each adapter's err² in the module's curve (default: all 1).
 
     With `fallback_error`, the adapters above it at a first allocation's ranks keep their own factors in a private
     cluster (`fallback.py`); the allocation is then redone with their private clusters' bytes charged (they grow
     with the module's rank) and their error taken as served by the private cluster.
     """
-    allocation = _allocate_curves(plan, {key: err2.mean(0) for key, err2 in errors.items()}, shapes, {})
+    weights = weights or {}
+
+    def curve(key: str, err2: torch.Tensor) -> torch.Tensor:
+        return (err2 * weights[key].to(err2.dtype)[:, None]).mean(0) if key in weights else err2.mean(0)
+
+    allocation = _allocate_curves(plan, {key: curve(key, err2) for key, err2 in errors.items()}, shapes, {})
     if fallback_error is None:
         return allocation, {}
     private = {key: (err2[:, allocation.ranks[key] - 1] > fallback_error).nonzero().squeeze(1)
@@ -163,7 +171,7 @@ def allocate(plan: BudgetPlan, errors: dict[str, torch.Tensor], shapes: dict[str
         served = err2.clone()
         if key in private:
             served[private[key]] = 0.0
-        curves[key] = served.mean(0)
+        curves[key] = curve(key, served)
     return _allocate_curves(plan, curves, shapes, private), private
 
 

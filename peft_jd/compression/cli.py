@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compress.add_argument("--rank-allocation", choices=("uniform", "per-module"), default="uniform",
                           help="with --target-error: per-module allocates ranks like --budget, for the fewest bytes "
                           "whose mean error over all modules meets the target")
+    compress.add_argument("--allocation-weighting", choices=("module", "energy"), default="module",
+                          help="with --budget/per-module: minimise the mean of the modules' relative errors "
+                          "(module) or every adapter's relative error over all its modules (energy)")
     compress.add_argument("--no-normalize", dest="normalize", action="store_false",
                           help="weight adapters by their norm instead of equally")
     compress.add_argument("--seed", type=int, default=0)
@@ -126,6 +129,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         progress=not args.quiet, probe_modules=args.probe_modules, overwrite=args.overwrite, budget=args.budget,
         sigma_dtype=args.sigma_dtype, rank_allocation=args.rank_allocation, fallback_error=args.fallback_error,
         calibration=args.calibration, calibration_damping=args.calibration_damping,
+        allocation_weighting=args.allocation_weighting,
     )
     print(report.summary())
     print(f"wrote {args.out}")

@@ -108,6 +108,7 @@ def compress(
     fallback_error: float | None = None,
     calibration: str | os.PathLike | InputStatistics | None = None,
     calibration_damping: float = DEFAULT_DAMPING,
+    allocation_weighting: str = "module",
 ) -> CompressionReport:
     """Compresses a collection of PEFT LoRA adapters into shared bases plus one small sigma adapter each.
 
@@ -154,6 +155,9 @@ def compress(
             the compression then minimises the error on those inputs, `‖(ΔW_i − ΔŴ_i) X‖`, instead of the plain
             Frobenius error, and the reported err² are those activation errors (see `calibration.py`).
         calibration_damping: Ridge added to each input second moment, relative to the mean of its diagonal.
+        allocation_weighting: What the per-module allocation minimises: `"module"`, the mean over modules of their
+            relative err² (every module weighs the same), or `"energy"`, every adapter's relative err² over all its
+            modules (a module weighs by its share of the adapter's update energy, whitened with `calibration`).
 
     Returns:
         The [`CompressionReport`] (also written to `out_dir/report.json`).
@@ -173,6 +177,8 @@ def compress(
         whitening = Whitening(statistics, calibration_damping)
     if fallback_error is not None and not 0 < fallback_error < 1:
         raise UsageError(f"fallback_error is a squared relative error in (0, 1), got {fallback_error}.")
+    if allocation_weighting not in ("module", "energy"):
+        raise UsageError(f"allocation_weighting must be 'module' or 'energy', got {allocation_weighting!r}.")
     if rank_allocation not in ("uniform", "per-module"):
         raise UsageError(f"rank_allocation must be 'uniform' or 'per-module', got {rank_allocation!r}.")
     if rank_allocation == "per-module" and budget is None and target_error is None:
@@ -208,7 +214,7 @@ def compress(
                     "tol": tol, "max_iter": max_iter, "max_rounds": max_rounds, "bases_dtype": bases_dtype,
                     "sigma_dtype": sigma_dtype, "fallback_error": fallback_error}
         if plan is not None:
-            settings.update(plan.settings())
+            settings.update(plan.settings(), allocation_weighting=allocation_weighting)
         if whitening is not None:
             settings["calibration"] = whitening.settings()
         work = WorkDir(out_dir, {"settings": settings, "inputs": inputs_fingerprint(loras), "modules": module_keys},
@@ -236,7 +242,7 @@ def compress(
                 t2 = time.perf_counter()
                 nested = nest(result, stack, method == "jd-diag", normalization_weights(stack, normalize))
                 info["seconds_compress"] += time.perf_counter() - t2
-                work.save_tensors(index, module_key, nested_tensors(nested), info)
+                work.save_tensors(index, module_key, {**nested_tensors(nested), "norms2": stack.norms2()}, info)
             del stack
             bar.set_postfix(err2=f"{float(result.err2.mean()):.3f}")
         ranks, private = _allocate(plan, work, module_keys, spec, settings)
@@ -253,8 +259,15 @@ def _allocate(plan: BudgetPlan | None, work: WorkDir, module_keys: list[str], sp
     fall back to private clusters per module (else `None, {}`)."""
     if plan is None:
         return None, {}
-    errors = {key: work.load(index, key, ("err2",))[0]["err2"] for index, key in enumerate(module_keys)}
-    allocation, private = allocate(plan, errors, spec.module_shapes, settings["fallback_error"])
+    loaded = {key: work.load(index, key, ("err2", "norms2"))[0] for index, key in enumerate(module_keys)}
+    errors = {key: tensors["err2"] for key, tensors in loaded.items()}
+    weights = None
+    if settings["allocation_weighting"] == "energy":
+        energy = torch.stack([loaded[key]["norms2"] for key in module_keys])
+        # A module's share of each adapter's total update energy, scaled so that equal shares give weight 1.
+        shares = energy / energy.sum(0).clamp_min(1e-300) * len(module_keys)
+        weights = {key: shares[index] for index, key in enumerate(module_keys)}
+    allocation, private = allocate(plan, errors, spec.module_shapes, settings["fallback_error"], weights)
     settings["rank"] = max(allocation.ranks.values())
     settings["allocated_bytes_per_adapter"] = round(allocation.bytes_per_adapter, 1)
     return allocation.ranks, private
