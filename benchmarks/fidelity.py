@@ -83,10 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--subset-ranks", type=int, nargs="+", default=[8, 16])
     parser.add_argument(
         "--settings",
-        nargs="+",
+        nargs="*",
         default=None,
         metavar="METHOD:RANK:CLUSTERS",
-        help="explicit settings (e.g. jd-full:16:4 jd-diag:64:1) instead of the methods × ranks × clusters grid",
+        help="explicit settings (e.g. jd-full:16:4 jd-diag:64:1) instead of the methods × ranks × clusters grid; "
+        "given with no value: no uniform-rank rows (e.g. only --budgets)",
     )
     parser.add_argument(
         "--budgets",
@@ -198,7 +199,7 @@ def _parse_setting(text: str, n_total: int) -> Setting:
 
 
 def settings_grid(args: argparse.Namespace, n_total: int) -> list[Setting]:
-    if args.settings:
+    if args.settings is not None:
         grid = [_parse_setting(text, n_total) for text in args.settings]
     else:
         grid = [Setting(m, k, c, n_total) for m in args.methods for k in args.ranks for c in args.clusters]

@@ -292,6 +292,11 @@ def test_explicit_settings_replace_the_grid():
         fidelity.settings_grid(fidelity.parse_args(["--settings", "jd-full-16"]), 40)
 
 
+def test_settings_without_values_leave_only_the_budgeted_rows():
+    args = fidelity.parse_args(["--settings", "--subset-sizes", "0", "--methods", "jd-diag", "--budgets", "16x"])
+    assert [s.label for s in fidelity.settings_grid(args, 40)] == ["jd-diag-b16x-c1-n40"]
+
+
 def test_budgets_add_one_setting_per_method_budget_and_cluster_count(capsys):
     args = fidelity.parse_args(
         ["--settings", "jd-full:16:1", "--subset-sizes", "0", "--budgets", "16x", "150KB", "--methods", "jd-full"]
