@@ -33,11 +33,23 @@ def _uniform_rows(report: dict) -> list[dict]:
     return [r for r in _full_rows(report) if not r.get("budget")]
 
 
+def variant(row: dict) -> str:
+    """How a JD row was compressed beyond method and size (calibration, allocation objective, fallback), or ''."""
+    parts = []
+    if row.get("calibration"):
+        parts.append("calibrated")
+    if row.get("allocation_weighting", "module") != "module":
+        parts.append(f"{row['allocation_weighting']}-weighted")
+    if row.get("fallback_error") is not None:
+        parts.append(f"fallback > {row['fallback_error']:g}")
+    return ", ".join(parts)
+
+
 def _series(rows: list[dict], key) -> dict[tuple, list[dict]]:
-    """Rows grouped by (method, clusters), each group sorted by `key`."""
+    """Rows grouped by (method, clusters, variant), each group sorted by `key`."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["clusters"]), []).append(r)
+        groups.setdefault((r["method"], r["clusters"], variant(r)), []).append(r)
     return {group: sorted(groups[group], key=key) for group in sorted(groups)}
 
 
@@ -78,9 +90,10 @@ def _name(row: dict) -> str:
     clusters = f", {row['clusters']} cluster{'s' if row['clusters'] > 1 else ''}" if row["clusters"] else ""
     if row["method"] in PEER_NAMES:
         return f"{method} k={row['rank']} (budget {row['budget']})"
+    how = f" ({variant(row)})" if variant(row) else ""
     if row.get("budget"):
-        return f"{method} at budget {row['budget']}{clusters}"
-    return f"{method} rank {row['rank']}{clusters}"
+        return f"{method} at budget {row['budget']}{clusters}{how}"
+    return f"{method} rank {row['rank']}{clusters}{how}"
 
 
 def _fmt(value, spec: str, missing: str = "–") -> str:
@@ -90,12 +103,13 @@ def _fmt(value, spec: str, missing: str = "–") -> str:
 def falloff(report: dict) -> list[str]:
     """Where quality falls off: per method and clusters, the smallest rank keeping ≥ 99%, and the trend with n."""
     lines = []
-    for (_, clusters), series in _series(_uniform_rows(report), key=lambda r: r["rank"]).items():
+    for (_, clusters, how), series in _series(_uniform_rows(report), key=lambda r: r["rank"]).items():
         ok = [r for r in series if r["em_retention"] >= TARGET_RETENTION]
         trend = ", ".join(f"r{r['rank']}: {r['em_retention']:.1%}" for r in series)
         first = f"rank {ok[0]['rank']} ({ok[0]['memory_ratio']:.1f}×)" if ok else "no rank tried"
         lines.append(
-            f"- {_method_name(series[0])}, {clusters} cluster(s): ≥ 99% from {first}; EM kept by rank: {trend}."
+            f"- {_method_name(series[0])}, {clusters} cluster(s){f' ({how})' if how else ''}: ≥ 99% from {first}; "
+            f"EM kept by rank: {trend}."
         )
     subsets = sorted(
         (r for r in report["rows"] if r["method"] == "jd-full" and r["clusters"] == 1 and not r.get("budget")),
@@ -117,7 +131,7 @@ def _budget_falloff(report: dict) -> list[str]:
     budgeted = [r for r in _full_rows(report) if r.get("budget")]
     peers = [r for r in report["rows"] if r["method"] in PEER_NAMES and r["em_retention"] is not None]
     lines = []
-    for (method, clusters), series in _series(budgeted + peers, key=lambda r: -(r["bytes_ratio"] or 0)).items():
+    for (method, clusters, how), series in _series(budgeted + peers, key=lambda r: -(r["bytes_ratio"] or 0)).items():
         trend = ", ".join(
             f"{r['budget']} ({_fmt(r['bytes_ratio'], '.1f')}×"
             + (f", k={r['rank']}" if method in PEER_NAMES else "")
@@ -125,6 +139,7 @@ def _budget_falloff(report: dict) -> list[str]:
             for r in series
         )
         what = f"{_method_name(series[0])}" + (f" with a budget, {clusters} cluster(s)" if clusters else "")
+        what += f" ({how})" if how else ""
         lines.append(f"- {what}, at equal bytes per adapter: EM kept {trend}.")
     for skipped in report.get("skipped", []):
         lines.append(f"- {skipped['label']}: not run, {skipped['reason'].rstrip('.')}.")
@@ -151,7 +166,7 @@ def markdown(report: dict) -> str:
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['method']} | {_rank_cell(r)} | {r['clusters'] or '–'} | {r['n']} | "
+            f"| {_method_cell(r)} | {_rank_cell(r)} | {r['clusters'] or '–'} | {r['n']} | "
             f"{r['params_per_adapter'] / 1e3:,.0f}k | {_fmt(r['memory_ratio'], '.1f')} | {_bytes_cell(r)} | "
             f"{_fmt(r['err2'], '.3f')} | "
             f"{r['exact_match']:.1%} | {_fmt(r['em_retention'], '.1%')} | {r['rouge_l']:.1%} | "
@@ -181,6 +196,10 @@ def markdown(report: dict) -> str:
             f"| {info['train_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _method_cell(row: dict) -> str:
+    return f"{row['method']} ({variant(row)})" if variant(row) else row["method"]
 
 
 def _rank_cell(row: dict) -> str:
@@ -219,12 +238,13 @@ def write_plot(report: dict, path: Path) -> Path | None:
     lora_params = report["lora_params_per_adapter"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     rows = _uniform_rows(report)
-    for (method, clusters), series in _series(rows, key=lambda r: r["rank"]).items():
+    for (method, clusters, how), series in _series(rows, key=lambda r: r["rank"]).items():
+        label = f"{method}, {clusters} cluster(s)" + (f", {how}" if how else "")
         xs, ys = [r["params_per_adapter"] for r in series], [100 * r["em_retention"] for r in series]
-        left.plot(xs, ys, marker="o", label=f"{method}, {clusters} cluster(s)")
+        left.plot(xs, ys, marker="o", label=label)
         for r in series:
             left.annotate(f"r{r['rank']}", (r["params_per_adapter"], 100 * r["em_retention"]), fontsize=7)
-        right.scatter([r["err2"] for r in series], ys, label=f"{method}, {clusters} cluster(s)")
+        right.scatter([r["err2"] for r in series], ys, label=label)
     svd = [r for r in report["rows"] if r["method"] == "svd" and r["em_retention"] is not None]
     if svd:
         svd_y = [100 * r["em_retention"] for r in svd]
@@ -262,7 +282,8 @@ def _line_label(row: dict) -> str:
     if not row["method"].startswith("jd"):
         return _method_name(row)
     kind = "budget" if row.get("budget") else "uniform rank"
-    return f"{_method_name(row)}, {kind}, {row['clusters']} cluster(s)"
+    how = f", {variant(row)}" if variant(row) else ""
+    return f"{_method_name(row)}, {kind}, {row['clusters']} cluster(s){how}"
 
 
 def write_budget_plot(report: dict, path: Path) -> Path | None:

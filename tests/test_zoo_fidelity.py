@@ -350,3 +350,29 @@ def test_fallback_error_reaches_every_jd_row_and_counts_the_private_pairs(tmp_pa
         pairs = sum(len(m.get("fallback", [])) for m in compressed["modules"].values())
         # Rank 2 of three rank-4 LoRAs cannot stay under 5% error: some pairs fall back, and the row says how many.
         assert row["fallback_pairs"] == pairs > 0
+
+
+def test_merge_combines_runs_on_the_same_loras_and_refuses_others(tmp_path):
+    import fidelity_merge
+
+    common = ["--smoke", "--methods", "jd-diag", "--settings", "--svd-ranks", "0", "--subset-sizes", "0",
+              "--budgets", "2x", "--sigma-dtype", "float16", "--bases-dtype", "float16", "--resume",
+              "--cache-dir", str(tmp_path / "cache")]
+    plain, energy = tmp_path / "plain", tmp_path / "energy"
+    assert fidelity.main([*common, "--out-dir", str(plain), "--work-dir", str(plain / "work")]) == 0
+    assert fidelity.main([*common, "--allocation-weighting", "energy", "--out-dir", str(energy),
+                          "--work-dir", str(energy / "work")]) == 0
+    out = tmp_path / "merged"
+    reports = [str(plain / "fidelity.json"), str(energy / "fidelity.json")]
+    assert fidelity_merge.main([*reports, "--out-dir", str(out)]) == 0
+    merged = json.loads((out / "fidelity.json").read_text())
+    assert [(r["method"], r.get("allocation_weighting")) for r in merged["rows"]] == [
+        ("base", None), ("lora", None), ("jd-diag", None), ("jd-diag", "energy")]
+    table = (out / "fidelity.md").read_text()
+    assert "| jd-diag | 2x:" in table and "| jd-diag (energy-weighted) | 2x:" in table
+
+    other = json.loads((energy / "fidelity.json").read_text())
+    other["test_per_task"] += 1
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="test_per_task differs"):
+        fidelity_merge.main([str(plain / "fidelity.json"), str(tmp_path / "other.json"), "--out-dir", str(out)])
