@@ -170,6 +170,14 @@ def test_budgeted_and_peer_rows_in_headline_falloff_table_and_plot(tmp_path):
     report["skipped"] = [{"label": "vlora-b32x-n40", "reason": "no setting fits: …"}]
     # The budgeted row keeps ≥ 99% at the highest ratio: it is the headline.
     assert "JD-Full at budget 16x, 1 cluster keeps 99.3%" in fidelity_report.headline(report)
+    assert fidelity_report.byte_targets(report) == (
+        "Targets in bytes per adapter (LoRAs at fp16, bases amortized): ≥ 99% at ≥ 16×: met, best JD-Full at budget "
+        "16x, 1 cluster with 99.3% at 16.1×; ≥ 97% at ≥ 32×: met, best JD-Full at budget 32x, 1 cluster with 97.0% at "
+        "32.2×."
+    )
+    missed = _report([_row("jd-diag", 38, 1, 0.963, 15.99), _row("jd-diag", 8, 1, 0.99, 12.0)])
+    expected = "≥ 99% at ≥ 16×: missed, best JD-Diag rank 38, 1 cluster with 96.3% at 16.0×; ≥ 97% at ≥ 32×: no JD row"
+    assert expected in fidelity_report.byte_targets(missed)
     falloff = fidelity_report.falloff(report)
     assert "- JD-Full, 1 cluster(s): ≥ 99% from rank 16 (12.0×); EM kept by rank: r8: 95.0%, r16: 99.1%." in falloff
     assert (
