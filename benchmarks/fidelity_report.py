@@ -47,6 +47,12 @@ def variant(row: dict) -> str:
     return ", ".join(parts)
 
 
+def _variant_suffix(row: dict) -> str:
+    """` (variant)` for a row compressed with calibration, another allocation objective or fallback, else ''."""
+    how = variant(row)
+    return f" ({how})" if how else ""
+
+
 def _series(rows: list[dict], key) -> dict[tuple, list[dict]]:
     """Rows grouped by (method, clusters, variant), each group sorted by `key`."""
     groups: dict[tuple, list[dict]] = {}
@@ -110,10 +116,9 @@ def _name(row: dict) -> str:
     clusters = f", {row['clusters']} cluster{'s' if row['clusters'] > 1 else ''}" if row["clusters"] else ""
     if row["method"] in PEER_NAMES:
         return f"{method} k={row['rank']} (budget {row['budget']})"
-    how = f" ({variant(row)})" if variant(row) else ""
     if row.get("budget"):
-        return f"{method} at budget {row['budget']}{clusters}{how}"
-    return f"{method} rank {row['rank']}{clusters}{how}"
+        return f"{method} at budget {row['budget']}{clusters}{_variant_suffix(row)}"
+    return f"{method} rank {row['rank']}{clusters}{_variant_suffix(row)}"
 
 
 def _fmt(value, spec: str, missing: str = "–") -> str:
@@ -123,12 +128,12 @@ def _fmt(value, spec: str, missing: str = "–") -> str:
 def falloff(report: dict) -> list[str]:
     """Where quality falls off: per method and clusters, the smallest rank keeping ≥ 99%, and the trend with n."""
     lines = []
-    for (_, clusters, how), series in _series(_uniform_rows(report), key=lambda r: r["rank"]).items():
+    for (_, clusters, _), series in _series(_uniform_rows(report), key=lambda r: r["rank"]).items():
         ok = [r for r in series if r["em_retention"] >= TARGET_RETENTION]
         trend = ", ".join(f"r{r['rank']}: {r['em_retention']:.1%}" for r in series)
         first = f"rank {ok[0]['rank']} ({ok[0]['memory_ratio']:.1f}×)" if ok else "no rank tried"
         lines.append(
-            f"- {_method_name(series[0])}, {clusters} cluster(s){f' ({how})' if how else ''}: ≥ 99% from {first}; "
+            f"- {_method_name(series[0])}, {clusters} cluster(s){_variant_suffix(series[0])}: ≥ 99% from {first}; "
             f"EM kept by rank: {trend}."
         )
     subsets = sorted(
@@ -151,7 +156,7 @@ def _budget_falloff(report: dict) -> list[str]:
     budgeted = [r for r in _full_rows(report) if r.get("budget")]
     peers = [r for r in report["rows"] if r["method"] in PEER_NAMES and r["em_retention"] is not None]
     lines = []
-    for (method, clusters, how), series in _series(budgeted + peers, key=lambda r: -(r["bytes_ratio"] or 0)).items():
+    for (method, clusters, _), series in _series(budgeted + peers, key=lambda r: -(r["bytes_ratio"] or 0)).items():
         trend = ", ".join(
             f"{r['budget']} ({_fmt(r['bytes_ratio'], '.1f')}×"
             + (f", k={r['rank']}" if method in PEER_NAMES else "")
@@ -159,7 +164,7 @@ def _budget_falloff(report: dict) -> list[str]:
             for r in series
         )
         what = f"{_method_name(series[0])}" + (f" with a budget, {clusters} cluster(s)" if clusters else "")
-        what += f" ({how})" if how else ""
+        what += _variant_suffix(series[0])
         lines.append(f"- {what}, at equal bytes per adapter: EM kept {trend}.")
     for skipped in report.get("skipped", []):
         lines.append(f"- {skipped['label']}: not run, {skipped['reason'].rstrip('.')}.")
@@ -188,7 +193,7 @@ def markdown(report: dict) -> str:
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {_method_cell(r)} | {_rank_cell(r)} | {r['clusters'] or '–'} | {r['n']} | "
+            f"| {r['method']}{_variant_suffix(r)} | {_rank_cell(r)} | {r['clusters'] or '–'} | {r['n']} | "
             f"{r['params_per_adapter'] / 1e3:,.0f}k | {_fmt(r['memory_ratio'], '.1f')} | {_bytes_cell(r)} | "
             f"{_fmt(r['err2'], '.3f')} | "
             f"{r['exact_match']:.1%} | {_fmt(r['em_retention'], '.1%')} | {r['rouge_l']:.1%} | "
@@ -218,10 +223,6 @@ def markdown(report: dict) -> str:
             f"| {info['train_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _method_cell(row: dict) -> str:
-    return f"{row['method']} ({variant(row)})" if variant(row) else row["method"]
 
 
 def _rank_cell(row: dict) -> str:

@@ -300,7 +300,8 @@ def _scaled_loras(loras: dict[str, Path], root: Path, module_key: str, factor: f
 
 
 def test_energy_weighting_minimises_each_adapters_total_relative_error(loras, tmp_path):
-    module_key = sorted(lora_factors_keys(loras["a"]))[0]
+    keys = list(target_linears(tiny_llama()))
+    module_key = sorted(keys)[0]
     scaled = _scaled_loras(loras, tmp_path / "scaled", module_key, 10.0)
     reports = {weighting: compress(list(scaled.values()), tmp_path / weighting, budget="3x", progress=False,
                                    allocation_weighting=weighting)
@@ -310,7 +311,6 @@ def test_energy_weighting_minimises_each_adapters_total_relative_error(loras, tm
         """Mean over adapters of Σ_m ‖ΔW − ΔŴ‖² / Σ_m ‖ΔW‖², from the LoRA files and the collection's files."""
         total = []
         for name, path in scaled.items():
-            keys = lora_factors_keys(path)
             deltas = {key: lora_delta(path, key) for key in keys}
             residual = sum(float((deltas[k] - sigma_delta(tmp_path / weighting, name, k)).pow(2).sum()) for k in keys)
             total.append(residual / sum(float(d.pow(2).sum()) for d in deltas.values()))
@@ -326,13 +326,6 @@ def test_energy_weighting_minimises_each_adapters_total_relative_error(loras, tm
         assert memory["bytes_per_adapter"] <= memory["lora_bytes_per_adapter"] / 3 + 1e-6
     with pytest.raises(UsageError, match="allocation_weighting"):
         compress(list(loras.values()), tmp_path / "bad", budget="6x", allocation_weighting="adapter")
-
-
-def lora_factors_keys(path: Path) -> list[str]:
-    """The module keys of a saved LoRA, from its weight names."""
-    prefix, suffix = "base_model.model.", ".lora_A.weight"
-    return [k[len(prefix) : -len(suffix)] for k in load_file(str(path / "adapter_model.safetensors")) if
-            k.endswith(suffix)]
 
 
 # ------------------------------------------------------------------------------------------------- fallback

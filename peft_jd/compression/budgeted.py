@@ -144,6 +144,16 @@ def nested_from_tensors(tensors: dict[str, torch.Tensor]) -> NestedModule:
                         err2=tensors["err2"], projections=tensors.get("projections"))
 
 
+def energy_weights(norms2: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Module → `(n,)` weights for `allocate` from every module's `‖ΔW_i‖²`: each module's share of each adapter's
+    total update energy, scaled so that equal shares weigh 1 (the mean over modules then is the adapter's relative
+    error over all its modules)."""
+    keys = list(norms2)
+    energy = torch.stack([norms2[key] for key in keys])
+    shares = energy / energy.sum(0).clamp_min(1e-300) * len(keys)
+    return {key: shares[index] for index, key in enumerate(keys)}
+
+
 def allocate(plan: BudgetPlan, errors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
              fallback_error: float | None = None, weights: dict[str, torch.Tensor] | None = None
              ) -> tuple[Allocation, dict[str, torch.Tensor]]:

@@ -33,6 +33,7 @@ from .budgeted import (
     NESTED_NAMES,
     BudgetPlan,
     allocate,
+    energy_weights,
     nested_from_tensors,
     nested_tensors,
     plan_budget,
@@ -263,10 +264,7 @@ def _allocate(plan: BudgetPlan | None, work: WorkDir, module_keys: list[str], sp
     errors = {key: tensors["err2"] for key, tensors in loaded.items()}
     weights = None
     if settings["allocation_weighting"] == "energy":
-        energy = torch.stack([loaded[key]["norms2"] for key in module_keys])
-        # A module's share of each adapter's total update energy, scaled so that equal shares give weight 1.
-        shares = energy / energy.sum(0).clamp_min(1e-300) * len(module_keys)
-        weights = {key: shares[index] for index, key in enumerate(module_keys)}
+        weights = energy_weights({key: tensors["norms2"] for key, tensors in loaded.items()})
     allocation, private = allocate(plan, errors, spec.module_shapes, settings["fallback_error"], weights)
     settings["rank"] = max(allocation.ranks.values())
     settings["allocated_bytes_per_adapter"] = round(allocation.bytes_per_adapter, 1)
